@@ -1,0 +1,8 @@
+"""fxquant: a quantization compiler for PyTorch built on torch.fx."""
+
+from fxquant.api import calibrate, convert, prepare_passes, quantize, set_fake_quant
+from fxquant.errors import FxQuantError
+from fxquant.onnx_export import export_onnx
+from fxquant.specs import QuantSpec
+
+__all__ = ["quantize", "calibrate", "convert", "export_onnx", "set_fake_quant", "prepare_passes", "QuantSpec", "FxQuantError"]

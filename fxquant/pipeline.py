@@ -1,0 +1,31 @@
+"""The pipeline is a list of passes; `run_passes` lints the graph after each and names the pass in errors."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from torch import fx
+
+from fxquant.errors import FxQuantError
+
+
+def pass_name(p) -> str:
+    return p.func.__name__ if isinstance(p, functools.partial) else p.__name__
+
+
+def run_passes(model, passes, *, trace: list | None = None) -> fx.GraphModule:
+    """Apply each pass in order. `trace`, when given, receives (pass name, seconds, graph text) per pass."""
+    for p in passes:
+        start = time.perf_counter()
+        try:
+            model = p(model)
+            model.graph.lint()
+            model.recompile()
+        except FxQuantError:
+            raise
+        except Exception as exc:
+            raise FxQuantError(f"pass {pass_name(p)} failed: {type(exc).__name__}: {exc}") from exc
+        if trace is not None:
+            trace.append((pass_name(p), time.perf_counter() - start, str(model.graph)))
+    return model

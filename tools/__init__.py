@@ -1,0 +1,1 @@
+"""fxquant tools: benchmarks and reports (run as python -m fxquant.tools.NAME)."""
