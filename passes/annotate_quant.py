@@ -14,7 +14,6 @@ from torch import fx
 
 from fxquant.backends import QUANTIZE, SHARE, Backend, Rule
 from fxquant.meta import KEY, info, matches_names, op_key
-from fxquant.specs import activation_spec, weight_spec
 
 
 def _excluded(gm: fx.GraphModule, node: fx.Node, exclude) -> bool:
@@ -43,7 +42,7 @@ def _match(gm, node, rule: Rule, claimed, exclude) -> list[fx.Node] | None:
 
 
 def annotate_quant(gm: fx.GraphModule, *, backend: Backend, w_bits: int = 8, a_bits: int = 8, exclude=()) -> fx.GraphModule:
-    act, weight = activation_spec(a_bits), weight_spec(w_bits)
+    act, weight = backend.activation.with_bits(a_bits), backend.weight.with_bits(w_bits)
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         for rule in backend.rules:
@@ -60,7 +59,7 @@ def annotate_quant(gm: fx.GraphModule, *, backend: Backend, w_bits: int = 8, a_b
                     i: act for i in rule.inputs if i < len(args) and isinstance(args[i], fx.Node) and info(args[i]).is_float_tensor
                 }
                 first.weight = weight if rule.weight else None
-                info(chain[-1]).output = act
+                info(chain[-1]).output = act if rule.output else None
             first.share = rule.kind == SHARE
             break
     return gm

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fxquant.errors import FxQuantError
+from fxquant.specs import QuantSpec
 
 BACKENDS = ("onnxruntime",)
 
@@ -22,6 +23,7 @@ class Rule:
     pattern: one tuple of op keys (module types, functions, method names) per chain step.
     inputs: positional args of the first node that are quantized activations.
     weight: the first node's module has a weight to fake-quantize (per-channel, axis 0).
+    output: the chain's output gets its own fake-quant (False: the next op's input rule decides).
     check: optional `(module_or_None, node) -> bool`; a row whose check says False declines.
     """
 
@@ -30,6 +32,7 @@ class Rule:
     kind: str
     inputs: tuple[int, ...] = (0,)
     weight: bool = False
+    output: bool = True
     check: Callable | None = None
 
     def __post_init__(self):
@@ -41,15 +44,19 @@ class Rule:
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend module defines RULES, ACTIVATION and WEIGHT (the 8-bit specs; bit widths narrow them)."""
+
     name: str
     rules: tuple[Rule, ...]
+    activation: QuantSpec
+    weight: QuantSpec
 
 
 def check_rules(name: str, rules: tuple[Rule, ...]) -> None:
-    """Reject a table where one op key is claimed alone by rows of different kinds."""
+    """Reject a table where one op key is claimed alone, unconditionally, by rows of different kinds."""
     single = {}
     for rule in rules:
-        if len(rule.pattern) != 1:
+        if len(rule.pattern) != 1 or rule.check is not None:
             continue
         for key in rule.pattern[0]:
             other = single.setdefault(key, rule)
@@ -63,6 +70,6 @@ def check_rules(name: str, rules: tuple[Rule, ...]) -> None:
 def load_backend(name: str) -> Backend:
     if name not in BACKENDS:
         raise FxQuantError(f"backend={name!r}: expected one of {BACKENDS}")
-    rules = importlib.import_module(f"fxquant.backends.{name}").RULES
-    check_rules(name, rules)
-    return Backend(name, rules)
+    table = importlib.import_module(f"fxquant.backends.{name}")
+    check_rules(name, table.RULES)
+    return Backend(name, table.RULES, table.ACTIVATION, table.WEIGHT)

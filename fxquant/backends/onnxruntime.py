@@ -13,6 +13,10 @@ from torch import nn
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, Rule
 from fxquant.nn import ConvAct2d, LinearAct
+from fxquant.specs import activation_spec, weight_spec
+
+ACTIVATION = activation_spec()  # uint8 per-tensor affine: u8 activations x s8 weights is ORT's fast path
+WEIGHT = weight_spec()  # int8 [-127, 127] per output channel, zero point 0
 
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
