@@ -1,0 +1,113 @@
+"""Small inline models and seeded inputs shared by the pass and oracle tests.
+
+Nothing here touches the network; every tensor comes from a generator seeded by the fixture
+that asks for it, so a test sees the same numbers whatever order the suite runs in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so folding is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
+
+
+class BasicBlock(nn.Module):
+    """torchvision's resnet BasicBlock: one `self.relu` module called at two sites."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + identity
+        return self.relu(out)
+
+
+class ResidualCNN(nn.Module):
+    """stem conv-bn-F.relu, maxpool, a BasicBlock, global avgpool, flatten, linear.
+
+    After trace + fuse the graph is, by node name:
+        x, stem, pool, block_conv1, block_conv2, add, block_relu_1, gap, flatten, fc, output
+    """
+
+    def __init__(self, channels: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.pool = nn.MaxPool2d(2)
+        self.block = BasicBlock(channels)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.pool(x)
+        x = self.block(x)
+        x = torch.flatten(self.gap(x), 1)
+        return self.fc(x)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Module initialisation in every test starts from the same seed."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def randomize_bn():
+    """`randomize_batchnorms` for tests that build their own models."""
+    return randomize_batchnorms
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def residual_cnn() -> ResidualCNN:
+    torch.manual_seed(0)
+    return randomize_batchnorms(ResidualCNN()).eval()
+
+
+@pytest.fixture
+def image(generator) -> torch.Tensor:
+    """One example batch for ResidualCNN: (2, 3, 16, 16)."""
+    return torch.randn(2, 3, 16, 16, generator=generator)
+
+
+@pytest.fixture
+def calib_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    return [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
+
+
+@pytest.fixture
+def calibrated_residual(residual_cnn, image, calib_batches) -> torch.fx.GraphModule:
+    """ResidualCNN through fxquant.quantize with PTQ calibration: the fake-quant model."""
+    return fxquant.quantize(residual_cnn, (image,), calib_data=calib_batches, progress=False)
