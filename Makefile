@@ -1,0 +1,25 @@
+# make venv | make demo | make test     (needs only python3 and make)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first, pinned: nothing installed after it may pull another torch build.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e ".[dev]" $(TORCH)
+	touch $@
+
+demo: venv
+	$(BIN)/fxquant demo
+
+test: venv
+	$(BIN)/python -m pytest -n 2 tests
+
+clean:  # build artefacts only; `rm -rf .venv` for a new environment
+	rm -rf build dist *.egg-info

@@ -1,0 +1,7 @@
+"""`python -m fxquant` is the `fxquant` command."""
+
+import sys
+
+from fxquant.cli import main
+
+sys.exit(main())
