@@ -2,7 +2,11 @@
 
 from fxquant.api import calibrate, convert, prepare_passes, quantize, set_fake_quant
 from fxquant.errors import FxQuantError
+from fxquant.onnx_check import check_onnx
 from fxquant.onnx_export import export_onnx
+from fxquant.qat import freeze_bn
+from fxquant.report import Report, report
 from fxquant.specs import QuantSpec
 
-__all__ = ["quantize", "calibrate", "convert", "export_onnx", "set_fake_quant", "prepare_passes", "QuantSpec", "FxQuantError"]
+__all__ = ["quantize", "calibrate", "convert", "export_onnx", "set_fake_quant", "prepare_passes", "QuantSpec", "FxQuantError",
+           "freeze_bn", "report", "Report", "check_onnx"]

@@ -8,12 +8,41 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from fxquant.backends import load_backend
+from fxquant.backends import BACKEND_META, load_backend
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
-from fxquant.passes import annotate_quant, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
 from fxquant.pipeline import run_passes
-from fxquant.specs import check_bits
+from fxquant.specs import FAKE_QUANTS, OBSERVERS, check_bits
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A copy whose modules, parameters and buffers are new objects (what passes and training change);
+    other attributes are shallow copies. copy.deepcopy does the same work through pickle's protocol,
+    ~10x slower per module: seconds on a model with thousands of modules. A class with its own
+    __deepcopy__ (a GraphModule) or a Parameter subclass is deep-copied."""
+    memo: dict[int, object] = {}
+
+    def tensor(t):
+        if id(t) not in memo:
+            plain = type(t) in (torch.Tensor, nn.Parameter)
+            memo[id(t)] = copy.deepcopy(t) if not plain else (
+                nn.Parameter(t.detach().clone(), t.requires_grad) if type(t) is nn.Parameter else t.detach().clone())
+        return memo[id(t)]
+
+    def module(m):
+        if id(m) not in memo:
+            if hasattr(type(m), "__deepcopy__"):
+                memo[id(m)] = copy.deepcopy(m)
+                return memo[id(m)]
+            new = memo[id(m)] = type(m).__new__(type(m))
+            new.__dict__.update({k: v.copy() if isinstance(v, (dict, list, set)) else v for k, v in m.__dict__.items()})
+            new.__dict__["_parameters"] = {k: None if v is None else tensor(v) for k, v in m._parameters.items()}
+            new.__dict__["_buffers"] = {k: None if v is None else tensor(v) for k, v in m._buffers.items()}
+            new.__dict__["_modules"] = {k: None if v is None else module(v) for k, v in m._modules.items()}
+        return memo[id(m)]
+
+    return module(model)
 
 
 def _as_inputs(example_inputs, name="example_inputs") -> tuple:
@@ -23,12 +52,21 @@ def _as_inputs(example_inputs, name="example_inputs") -> tuple:
     return tuple(inputs)
 
 
-def prepare_passes(*, example_inputs, backend, w_bits=8, a_bits=8, exclude=(), leaf_modules=(), concrete_args=None):
+def _check_choice(name: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise FxQuantError(f"{name}={value!r}: expected None (the backend's) or one of {allowed}")
+
+
+def prepare_passes(*, example_inputs, backend, w_bits=8, a_bits=8, exclude=(), leaf_modules=(), concrete_args=None,
+                   qat=False, fake_quant=None, observer=None, layer_bits=None):
     """The prepare pipeline, as a list you can read (and pass to `run_passes` yourself)."""
     return [
-        partial(trace_model, example_inputs=example_inputs, leaf_modules=leaf_modules, exclude=exclude, concrete_args=concrete_args),
-        fuse_modules,
-        partial(annotate_quant, backend=backend, w_bits=w_bits, a_bits=a_bits, exclude=exclude),
+        partial(trace_model, example_inputs=example_inputs, leaf_modules=leaf_modules, exclude=exclude, concrete_args=concrete_args,
+                auto_leaf=True),
+        partial(fuse_modules, qat=qat),
+        partial(decompose_ops, exclude=exclude),
+        partial(annotate_quant, backend=backend, w_bits=w_bits, a_bits=a_bits, exclude=exclude,
+                fake_quant=fake_quant, observer=observer, layer_bits=layer_bits),
         insert_fake_quant,
     ]
 
@@ -42,6 +80,10 @@ def quantize(
     calib_data=None,
     w_bits: int = 8,
     a_bits: int = 8,
+    reduce_range: bool = False,
+    fake_quant: str | None = None,
+    observer: str | None = None,
+    layer_bits: dict | None = None,
     exclude=(),
     leaf_modules=(),
     concrete_args=None,
@@ -52,21 +94,38 @@ def quantize(
 
     The user's model is not modified. `exclude` names modules (qualified names or types) or
     functions to keep in float. With `qat=True` the result is in train mode with observers on.
+    `reduce_range=True` narrows the weights to the backend's REDUCED_WEIGHT_BITS (7 on onnxruntime,
+    so the u8 x s8 kernels of CPUs without VNNI cannot saturate). The backend is recorded in
+    `qmodel.meta["fxquant_backend"]`, where export_onnx finds it to check the file against its rules.
+
+    QAT (see fxquant.qat): qat=True keeps each conv's BatchNorm training, folded into the fake-quantized
+    weight (fxquant.nn.ConvBnAct2d; fxquant.freeze_bn stops its statistics). `fake_quant` picks the kind
+    for every fake-quant: "ste" (observer ranges, straight-through gradient), "lsq" (learned scales) or
+    "lsq+" (learned scale and zero point on asymmetric activations, lsq on weights); None keeps the
+    backend's. `observer` ("minmax", "moving_average", "current", "percentile", "mse") sets the
+    activations' observer, and the weights' when it is "current", "percentile" or "mse" (weights are
+    observed afresh each step: per-channel mse costs about 25 passes over the weight when it observes).
+    `layer_bits` maps module names (or a parent's) to (w_bits, a_bits): that layer's weight, the
+    activations it reads, and its output if nothing quantized reads it, e.g. {"fc": (8, 8)}.
     """
     if not isinstance(model, nn.Module):
         raise FxQuantError(f"model: expected an nn.Module, got {type(model).__name__}")
     check_bits("w_bits", w_bits)
     check_bits("a_bits", a_bits)
-    rules = load_backend(backend)
+    _check_choice("fake_quant", fake_quant, FAKE_QUANTS)
+    _check_choice("observer", observer, OBSERVERS)
+    rules = load_backend(backend, reduce_range=reduce_range)
     if isinstance(exclude, (str, type)) or not isinstance(exclude, (tuple, list, set)):
         raise FxQuantError(f"exclude={exclude!r}: expected a list of module names, module types or functions")
     inputs = _as_inputs(example_inputs)
-    model = copy.deepcopy(model).train(qat)
+    model = copy_model(model).train(qat)
     passes = prepare_passes(
         example_inputs=inputs, backend=rules, w_bits=w_bits, a_bits=a_bits,
         exclude=tuple(exclude), leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
+        qat=qat, fake_quant=fake_quant, observer=observer, layer_bits=layer_bits,
     )
     qmodel = run_passes(model, passes, trace=pass_trace)
+    qmodel.meta[BACKEND_META] = rules
     if calib_data is not None:
         calibrate(qmodel, calib_data, n_inputs=len(inputs), progress=progress)
     if qat:

@@ -23,6 +23,10 @@ class NodeInfo:
     output: QuantSpec | None = None  # the output gets its own fake-quant
     share: bool = False  # the output carries its input's qparams (maxpool, flatten, ...)
     weight: QuantSpec | None = None  # the module's weight is fake-quantized with this spec
+    bias: QuantSpec | None = None  # the bias is lowered to this integer spec (scale s_x * s_w); None: float
+    share_inputs: bool = False  # every tensor in args[0] (cat's list) is put on ONE fake-quant, the output too
+    kind: str | None = None  # the kind of the row that claimed the node (quantize, share, float...), for the report
+    leaf: str | None = None  # trace kept this call whole (not traced into): why, and where tracing broke
 
     @property
     def is_float_tensor(self) -> bool:
@@ -68,4 +72,6 @@ def qparams_source(gm: fx.GraphModule, node) -> fx.Node | None:
         if KEY not in node.meta or not node.meta[KEY].share:
             return None
         node = node.args[0]
+        if isinstance(node, (list, tuple)) and node:  # cat: its inputs share one fake-quant
+            node = node[0]
     return None

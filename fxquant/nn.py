@@ -8,18 +8,29 @@ Fake-quant model                      Reference int8 model (after `convert`)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import FxQuantError
-from fxquant.numerics import fake_quant, qparams_from_range
+from fxquant.numerics import SCALE_MIN, fake_quant, fake_quant_in_range, fake_quant_lsq, qparams_from_range, quantize
 from fxquant.specs import QuantSpec
 
 # ---------------------------------------------------------------- observers
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 class MinMaxObserver(nn.Module):
-    """Running min / max of everything seen (per tensor, or per channel along spec.axis)."""
+    """Running min / max of everything seen (per tensor, or per channel along spec.axis).
+
+    Distributed training: in training mode, with torch.distributed initialized, each batch's range is
+    all-reduced (min of the mins, max of the maxes) before it is used, so every rank holds the same
+    statistics and hence the same scales. In eval mode (calibration, convert, evaluating on one rank)
+    nothing is communicated: calibrate on the same data on every rank, or before spawning.
+    """
 
     def __init__(self, spec: QuantSpec, channels: int | None = None):
         super().__init__()
@@ -36,7 +47,7 @@ class MinMaxObserver(nn.Module):
         if self.spec.axis is None:
             return torch.aminmax(x)
         per_channel = x.transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
-        return torch.aminmax(per_channel, dim=1)
+        return per_channel.amin(1), per_channel.amax(1)  # several times faster than aminmax(dim=1) on CPU
 
     def _update(self, lo, hi):
         self.min_val.copy_(torch.minimum(self.min_val, lo))
@@ -47,6 +58,10 @@ class MinMaxObserver(nn.Module):
         lo, hi = self._batch_range(x.detach().float())
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise FxQuantError("observer saw NaN or Inf: check the model's inputs (calib_data) and weights")
+        if self.training and _distributed():
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        self.batch_range = (lo, hi)  # of the latest batch (over all ranks): FakeQuantize checks it for clipping
         self._update(lo, hi)
         return x
 
@@ -75,10 +90,114 @@ class CurrentMinMaxObserver(MinMaxObserver):
         self.max_val.copy_(hi)
 
 
+def _squared_error(samples, counts, lo, hi, spec: QuantSpec) -> torch.Tensor:
+    """Per row r: sum of counts * (fake_quant(samples[r]) - samples[r])**2, qparams covering [lo[r], hi[r]]."""
+    scale, zp = qparams_from_range(lo, hi, spec)
+    scale, zp = scale[:, None], zp[:, None]
+    q = torch.clamp(torch.round(samples / scale) + zp, spec.qmin, spec.qmax)
+    return (counts * ((q - zp) * scale - samples) ** 2).sum(1)
+
+
+class HistogramObserver(MinMaxObserver):
+    """A range chosen to cover most of the data (percentile) or to minimise the quantization error (mse).
+
+    Per tensor (activations): a histogram of `bins` bins over the running [min_val, max_val] gathers every
+    batch (re-binned when the range grows; summed over ranks like the min/max), and qparams() chooses
+    the range on it. Per channel (weights): the range is chosen on the latest tensor alone, like
+    CurrentMinMaxObserver, and min_val/max_val hold the chosen range.
+
+    percentile: [q(1 - p), q(p)] with p = `percentile`; mse: the [a * min, a * max], a in `alphas`, whose
+    round-to-grid error is smallest (on the histogram's bin centres, or on the channel's values).
+    """
+
+    bins = 2048
+    percentile = 0.9999
+    alphas = torch.linspace(0.01, 1.0, 100)  # candidate fractions of the full range (per tensor)
+    channel_alphas = torch.linspace(0.1, 1.0, 25)  # per channel each candidate is a pass over the weight
+
+    def __init__(self, spec: QuantSpec, channels: int | None = None):
+        super().__init__(spec, channels)
+        self.register_buffer("histogram", torch.zeros(self.bins if spec.axis is None else 0))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor):
+        if self.spec.axis is not None:
+            super().forward(x)  # min_val/max_val: this tensor's range (see _update), NaN and Inf rejected
+            rows = x.detach().float().transpose(0, self.spec.axis).reshape(x.shape[self.spec.axis], -1)
+            lo, hi = self._choose_per_channel(rows)
+            self.min_val.copy_(lo), self.max_val.copy_(hi)
+            return x
+        old = (self.min_val.item(), self.max_val.item())
+        super().forward(x)
+        self._rebin(*old)
+        hist = torch.histc(x.detach().float(), self.bins, *self._edges_range())
+        if self.training and _distributed():
+            dist.all_reduce(hist)
+        self.histogram += hist
+        return x
+
+    def _update(self, lo, hi):
+        if self.spec.axis is None:
+            return super()._update(lo, hi)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+
+    def _edges_range(self) -> tuple[float, float]:
+        lo, hi = self.min_val.item(), self.max_val.item()
+        return lo, max(hi, lo + SCALE_MIN * max(1.0, abs(lo)))  # a zero-width range still gets bins
+
+    def _rebin(self, old_lo: float, old_hi: float) -> None:
+        """Move the counts gathered over [old_lo, old_hi] into the bins of the (wider) current range."""
+        lo, hi = self._edges_range()
+        if not self.histogram.any() or (old_lo, old_hi) == (lo, hi):
+            return
+        old_hi = max(old_hi, old_lo + SCALE_MIN * max(1.0, abs(old_lo)))
+        centres = old_lo + (torch.arange(self.bins) + 0.5) * ((old_hi - old_lo) / self.bins)
+        index = ((centres - lo) / ((hi - lo) / self.bins)).long().clamp(0, self.bins - 1)
+        self.histogram.copy_(torch.zeros_like(self.histogram).index_add_(0, index, self.histogram))
+
+    def _chosen_range(self):
+        lo, hi = self._edges_range()
+        edges = torch.linspace(lo, hi, self.bins + 1)
+        if self.spec.observer == "percentile":
+            cdf = self.histogram.cumsum(0) / self.histogram.sum()
+            i_lo = int(torch.searchsorted(cdf, torch.tensor(1 - self.percentile)))
+            i_hi = int(torch.searchsorted(cdf, torch.tensor(self.percentile)))
+            return edges[min(i_lo, self.bins - 1)], edges[min(i_hi + 1, self.bins)]
+        centres = (edges[:-1] + edges[1:]) / 2
+        n = len(self.alphas)
+        err = _squared_error(centres.expand(n, -1), self.histogram.expand(n, -1), self.alphas * lo, self.alphas * hi, self.spec)
+        best = self.alphas[int(err.argmin())]
+        return best * lo, best * hi
+
+    def _choose_per_channel(self, rows: torch.Tensor):
+        lo, hi = self.min_val.clone(), self.max_val.clone()
+        if self.spec.observer == "percentile":
+            n = rows.shape[1]
+            k_lo, k_hi = max(1, int((1 - self.percentile) * n)), max(1, min(n, round(self.percentile * n)))
+            return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
+        best_err = torch.full_like(lo, float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for a in self.channel_alphas:
+            err = _squared_error(rows, 1.0, lo * a, hi * a, self.spec)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo * a, best_lo), torch.where(better, hi * a, best_hi)
+        return best_lo, best_hi
+
+    def qparams(self):
+        if self.spec.axis is not None or not self.has_data:
+            return super().qparams()
+        lo, hi = self._chosen_range()
+        return qparams_from_range(lo, hi, self.spec)
+
+
 OBSERVER_CLASSES = {
     "minmax": MinMaxObserver,
     "moving_average": MovingAverageMinMaxObserver,
     "current": CurrentMinMaxObserver,
+    "percentile": HistogramObserver,
+    "mse": HistogramObserver,
 }
 
 # ---------------------------------------------------------------- fake quant
@@ -96,20 +215,69 @@ class FakeQuantize(nn.Module):
         self.spec = spec
         self.observer = OBSERVER_CLASSES[spec.observer](spec, channels)
         shape = (channels,) if spec.axis is not None else ()
-        self.register_buffer("scale", torch.ones(shape))
-        self.register_buffer("zero_point", torch.zeros(shape))
+        self._qparam("scale", torch.ones(shape), learnable=self.learnable)
+        self._qparam("zero_point", torch.zeros(shape), learnable=spec.fake_quant == "lsq+")
         self.observe = True
         self.enabled = True
 
+    def _qparam(self, name: str, value: torch.Tensor, learnable: bool) -> None:
+        if learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    @property
+    def learnable(self) -> bool:
+        """lsq / lsq+: the scale (and zero point) are nn.Parameters the optimizer trains."""
+        return self.spec.fake_quant != "ste"
+
+    @property
+    def observing(self) -> bool:
+        """Whether the next forward updates the observer and takes the qparams from it.
+
+        A learned scale is taken from the observer while calibrating (fake-quant off) and on the first
+        batch it sees; after that it is learned, whatever `observe` says.
+        """
+        return self.observe and not (self.learnable and self.enabled and self.observer.has_data)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observe:
+        observed = self.observing
+        if observed:
             self.observer(x)
             scale, zero_point = self.observer.qparams()
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+            with torch.no_grad():
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
         if not self.enabled:
             return x
-        return fake_quant(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.spec.axis)
+        s = self.spec
+        if self.learnable:
+            return fake_quant_lsq(x, self.scale, self.zero_point, s.qmin, s.qmax, s.axis, learn_zero_point=s.fake_quant == "lsq+")
+        if observed and x.dtype == torch.float32 and self._cannot_clip(*self.observer.batch_range):
+            return fake_quant_in_range(x, self.scale, s.axis)  # e.g. a weight, on the range just taken from it
+        return fake_quant(x, self.scale, self.zero_point, s.qmin, s.qmax, s.axis)
+
+    def _cannot_clip(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
+        """Whether every element of a float32 batch with range [lo, hi] rounds into [qmin, qmax]. Exact:
+        x / s (IEEE division by s > 0) and round are monotone, so the two ends decide for all elements."""
+        along = self.spec.axis is not None
+        lo, hi = (t.reshape(self.scale.shape) if along else t for t in (lo, hi))
+        q_lo = torch.round(lo / self.scale) + self.zero_point
+        q_hi = torch.round(hi / self.scale) + self.zero_point
+        return bool((q_lo >= self.spec.qmin).all() and (q_hi <= self.spec.qmax).all())
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (scale, zero_point) the forward uses, detached: a learned scale below SCALE_MIN (zero,
+        negative) counts as SCALE_MIN, a learned zero point is rounded and clamped into [qmin, qmax]."""
+        scale = self.scale.detach().clamp(min=SCALE_MIN)
+        return scale, self.zero_point.detach().clamp(self.spec.qmin, self.spec.qmax).round()
+
+    # the flags travel with the scales: a PTQ checkpoint loaded into a fresh quantize() result must not observe
+    def get_extra_state(self) -> dict:
+        return {"observe": self.observe, "enabled": self.enabled}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.observe, self.enabled = bool(state["observe"]), bool(state["enabled"])
 
     @property
     def calibrated(self) -> bool:
@@ -118,7 +286,7 @@ class FakeQuantize(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         where = "per-tensor" if s.axis is None else f"per-channel axis={s.axis}"
-        return f"{s.dtype}[{s.qmin},{s.qmax}] {where} {s.observer} observe={self.observe} enabled={self.enabled}"
+        return f"{s.dtype}[{s.qmin},{s.qmax}] {where} {s.observer} {s.fake_quant} observe={self.observe} enabled={self.enabled}"
 
 
 # ---------------------------------------------------------------- fused modules
@@ -138,8 +306,21 @@ class _WeightedAct:
         self.act = act
         self.weight_fq = None
 
-    def quant_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_fq is None else self.weight_fq(self.weight)
+    def quant_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
+        return weight if self.weight_fq is None else self.weight_fq(weight)
+
+    @torch.no_grad()
+    def lowered(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """(w_int, w_scale, w_zero_point, float bias) that convert stores: `weight` (default: self.weight)
+        quantized with the qparams the forward's fake-quant uses (observed, frozen or learned)."""
+        weight = (self.weight if weight is None else weight).detach()
+        self.weight_fq(weight)  # runs the observer exactly when the forward would
+        scale, zero_point = self.weight_fq.qparams()
+        spec = self.weight_fq.spec
+        w_int = quantize(weight, scale, zero_point, spec.qmin, spec.qmax, spec.axis, spec.dtype)
+        bias = self.bias if bias is None else bias
+        return w_int, scale, zero_point, None if bias is None else bias.detach()
 
     @classmethod
     def from_float(cls, mod, act: str | None = None):
@@ -168,6 +349,96 @@ class ConvAct2d(_WeightedAct, nn.Conv2d):
 
     def forward(self, x):
         return ACTIVATIONS[self.act](self._conv_forward(x, self.quant_weight(), self.bias))
+
+
+class ConvBnAct2d(ConvAct2d):
+    """QAT conv-bn(-act): the BN is folded into the fake-quantized weight while its statistics still train.
+
+    Jacob et al. 2018 (sec. 3.2), Krishnamoorthi 2018 (sec. 3.2); per output channel, with
+    sigma = sqrt(running_var + eps) and b the conv's bias (or 0):
+        k = gamma / sigma,   w_fold = w * k,   b_fold = (b - running_mean) * k + beta
+        eval, or BN frozen:  y = act(conv(x, fq(w_fold)) + b_fold)                   <- what convert lowers
+        training:            y = act(bn(conv(x, fq(w_fold)) / k + b))                 bn on batch statistics
+                               = act(conv(x, fq(w_fold)) * sigma / sigma_B + beta - gamma * (mu_B - b) / sigma_B)
+    so batch statistics normalise (and update running_mean/var, as a BN would) while the fake-quant sees
+    the folded weight the int8 model keeps.
+
+    With per-channel symmetric weights (axis 0, qmin = -qmax: every fxquant backend) the fold commutes
+    with the fake-quant, fq(w * k) = k * fq'(w), where fq' has scales s / |k|: round half to even is odd
+    and the range symmetric, and a range observer or a learned scale scales with its channel. So the
+    module computes the same function without touching the weight tensor:
+        eval / frozen:  y = act(conv(x, fq'(w)) * k + b_fold)
+        training:       y = act(bn(conv(x, fq'(w)) + b))                  (the / k and * k cancel)
+    and convert stores the integers sign(k) * q'(w) with scales |k| * s' (see `lowered`). Other weight
+    specs (per tensor, asymmetric) fold explicitly as in the formulas above; a channel with gamma = 0
+    divides by 1 there (its folded weight is 0 and bn returns beta for it either way).
+
+    After freeze_bn() training uses the eval formula and the running statistics stay as they are
+    (`bn_frozen` is a buffer, so a checkpoint keeps it).
+    """
+
+    match_as = ConvAct2d  # backend rows written for ConvAct2d claim it
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str | None = None):
+        fused = cls.from_float(conv, act)
+        fused.bn = bn
+        fused.register_buffer("bn_frozen", torch.tensor(False))
+        return fused
+
+    def freeze_bn(self) -> None:
+        self.bn_frozen.fill_(True)
+
+    def _bn_factors(self):
+        """k = gamma / sqrt(running_var + eps) and b_fold = (b - running_mean) * k + beta, per channel."""
+        bn = self.bn
+        k = 1 / torch.sqrt(bn.running_var + bn.eps)
+        k = bn.weight * k if bn.affine else k
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        return k, (bias - bn.running_mean) * k + (bn.bias if bn.affine else 0.0)
+
+    @property
+    def commutes(self) -> bool:
+        """Whether fq(w * k) = k * fq'(w) holds for the weight spec (per channel on axis 0, symmetric)."""
+        spec = None if self.weight_fq is None else self.weight_fq.spec
+        return spec is None or (spec.axis == 0 and spec.symmetric and spec.qmin == -spec.qmax)
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1, 1, 1)
+
+    def forward(self, x):
+        k, b_fold = self._bn_factors()
+        batch_stats = self.training and not bool(self.bn_frozen)
+        if not self.commutes:
+            return ACTIVATIONS[self.act](self._forward_folded(x, k, b_fold, batch_stats))
+        y = self._conv_forward(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
+        if not batch_stats:
+            return ACTIVATIONS[self.act](torch.addcmul(self._per_channel(b_fold), y, self._per_channel(k)))
+        if self.bias is not None:
+            y = y + self._per_channel(self.bias)
+        return ACTIVATIONS[self.act](self.bn(y))
+
+    def _forward_folded(self, x, k, b_fold, batch_stats: bool):
+        w_q = self.quant_weight(self.weight * k.reshape(-1, 1, 1, 1))
+        if not batch_stats:
+            return self._conv_forward(x, w_q, b_fold)
+        y = self._conv_forward(x, w_q, None) / self._per_channel(torch.where(k == 0, 1.0, k))
+        if self.bias is not None:
+            y = y + self._per_channel(self.bias)
+        return self.bn(y)
+
+    @torch.no_grad()
+    def lowered(self, weight=None, bias=None):
+        """The folded weight's integers and qparams, and b_fold: what the eval / frozen forward computes."""
+        k, b_fold = self._bn_factors()
+        if not self.commutes:
+            return super().lowered(self.weight * k.reshape(-1, 1, 1, 1), b_fold)
+        w_int, scale, zero_point, _ = super().lowered()
+        w_int = w_int * torch.sign(k).reshape(-1, *[1] * (w_int.dim() - 1)).to(w_int.dtype)
+        return w_int, (scale * k.abs()).clamp(min=SCALE_MIN), zero_point, b_fold.detach()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bn_frozen={bool(self.bn_frozen)}"
 
 
 class LinearAct(_WeightedAct, nn.Linear):

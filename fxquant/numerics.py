@@ -10,6 +10,8 @@ quantization of export) goes through these functions, and the tests check them a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fxquant.specs import QuantSpec
@@ -30,7 +32,9 @@ def _along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
 def quantize(x_fp32, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, dtype: str = "int32"):
     """QuantizeLinear. Returns the integer tensor stored as `dtype` (torch.round is half-to-even)."""
     scale, zero_point = _along(scale, x_fp32, axis), _along(zero_point, x_fp32, axis)
-    q = torch.clamp(torch.round(x_fp32 / scale) + zero_point, qmin, qmax)
+    q = torch.round(x_fp32 / scale) + zero_point
+    # float32 cannot hold the int32 bounds (2**31 - 1 rounds up to 2**31, which wraps on the cast): clamp in float64
+    q = torch.clamp(q.double() if dtype == "int32" else q, qmin, qmax)
     return q.to(TORCH_DTYPES[dtype])
 
 
@@ -40,25 +44,116 @@ def dequantize(q_int, scale, zero_point, axis: int | None = None):
     return (q_int.to(torch.float32) - zero_point.to(torch.float32)) * scale
 
 
+def _bounds(zero_point: torch.Tensor, qmin: int, qmax: int, x: torch.Tensor, axis: int | None):
+    """[qmin - zp, qmax - zp]: plain numbers when every channel has one zero point (clamps run faster)."""
+    zp0 = zero_point.reshape(-1)[:1]
+    if zero_point.numel() == 1 or bool((zero_point == zp0).all()):
+        zp = float(zp0) if zp0.numel() else 0.0
+        return qmin - zp, qmax - zp
+    zp = _along(zero_point, x, axis)
+    return qmin - zp, qmax - zp
+
+
+def _grid(x, scale, zero_point, qmin: int, qmax: int, axis: int | None, keep_v: bool = False):
+    """v = x / s and q = clamp(round(v), qmin - zp, qmax - zp), with the mask of the unclipped elements.
+
+    q * s is dequantize(quantize(x)) bit for bit: round(v) and zp are integers below 2**24, so adding zp,
+    clamping to [qmin, qmax] and subtracting zp again is exact; shifting the bounds instead saves passes.
+    """
+    s = _along(scale, x, axis)
+    lo, hi = _bounds(zero_point, qmin, qmax, x, axis)
+    v = torch.div(x, s)
+    q = torch.round(v) if keep_v else v.round_()  # without keep_v, v is overwritten
+    inside = q.ge(lo).logical_and_(q.le(hi))
+    return s, v, q.clamp_(lo, hi), inside
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """dequantize(quantize(x)) forward; straight-through gradient inside [qmin, qmax], zero outside."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
-        s, zp = _along(scale, x, axis), _along(zero_point, x, axis)
-        q = torch.round(x / s) + zp
-        ctx.save_for_backward((q >= qmin) & (q <= qmax))
-        return (torch.clamp(q, qmin, qmax) - zp) * s
+        s, _, q, inside = _grid(x, scale, zero_point, qmin, qmax, axis)
+        ctx.save_for_backward(inside)
+        return q.mul_(s)
 
     @staticmethod
     def backward(ctx, grad_out):
         (inside,) = ctx.saved_tensors
-        return grad_out * inside, None, None, None, None, None
+        return torch.where(inside, grad_out, 0.0), None, None, None, None, None
 
 
 def fake_quant(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None):
     """Float in, float out, on the quantization grid; differentiable with the STE."""
     return _FakeQuantSTE.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax, axis)
+
+
+class _FakeQuantInRange(torch.autograd.Function):
+    """fake_quant of a tensor that no element of can clip: round(x / s) * s, gradient 1 everywhere."""
+
+    @staticmethod
+    def forward(ctx, x, scale, axis):
+        s = _along(scale, x, axis)
+        return torch.div(x, s).round_().mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, None, None
+
+
+def fake_quant_in_range(x, scale, axis: int | None = None):
+    """fake_quant(x, scale, zero_point, qmin, qmax, axis) when no element of x rounds outside [qmin, qmax]
+    (the caller knows x's range): the clamp is then a no-op, the zero point cancels, (q + zp - zp) * s,
+    and the STE gradient is 1 everywhere. Two passes fewer, and none in the backward."""
+    return _FakeQuantInRange.apply(x, scale.to(x.dtype), axis)
+
+
+SCALE_MIN = _TINY_SCALE  # a learned scale at or below this (zero, negative) is used as this: never a division by 0
+
+
+def _sum_to(t: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Sum `t` over every dimension but `axis` (all of them per tensor), shaped like the qparam `like`."""
+    if like.dim() == 0:
+        return t.sum()
+    return t.sum(dim=[d for d in range(t.dim()) if d != axis]).reshape(like.shape)
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020): the STE forward, plus gradients for the qparams.
+
+        v = x / s,   q = clamp(round(v), qmin - zp, qmax - zp),   y = q * s
+        dy/dx  = 1 inside, 0 clipped                                        (the STE)
+        dy/ds  = q - v inside, q clipped (q = qmin - zp or qmax - zp)      (round has an STE gradient)
+        dy/dzp = 0 inside, -s clipped                                       (LSQ+ only)
+    The qparam gradients are multiplied by g = 1 / sqrt(N * Qp): N elements per scale, Qp the positive levels.
+    The scale used is max(scale, SCALE_MIN) and its gradient passes the clamp unchanged, so an optimizer can
+    push a scale that went to zero or below back up; the zero point used is round(clamp(zp, qmin, qmax)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, learn_zero_point):
+        s_eff, zp_eff = scale.clamp(min=SCALE_MIN), zero_point.clamp(qmin, qmax).round()
+        s, v, q, inside = _grid(x, s_eff, zp_eff, qmin, qmax, axis, keep_v=True)
+        y = q * s
+        ctx.save_for_backward(q.sub_(v.mul_(inside)), inside, s_eff, scale)  # q - v inside, q clipped: dy/ds
+        ctx.axis, ctx.learn_zero_point = axis, learn_zero_point
+        ctx.g = 1.0 / math.sqrt(x.numel() / max(1, scale.numel()) * (qmax if qmin < 0 else qmax - qmin))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dy_ds, inside, s_eff, scale = ctx.saved_tensors
+        grad_scale = _sum_to(grad_out * dy_ds, scale, ctx.axis) * ctx.g
+        grad_zp = None
+        if ctx.learn_zero_point:
+            clipped = grad_out * inside.logical_not()
+            grad_zp = _sum_to(clipped, scale, ctx.axis) * (-s_eff * ctx.g)
+        return torch.where(inside, grad_out, 0.0), grad_scale, grad_zp, None, None, None, None
+
+
+def fake_quant_lsq(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, *, learn_zero_point: bool = False):
+    """fake_quant with a learnable `scale` (and, with `learn_zero_point`, a learnable float `zero_point`)."""
+    return _FakeQuantLSQ.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax, axis, learn_zero_point)
 
 
 def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec):

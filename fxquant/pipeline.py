@@ -15,17 +15,21 @@ def pass_name(p) -> str:
 
 
 def run_passes(model, passes, *, trace: list | None = None) -> fx.GraphModule:
-    """Apply each pass in order. `trace`, when given, receives (pass name, seconds, graph text) per pass."""
+    """Apply each pass in order. `trace`, when given, receives (pass name, seconds, graph text) per pass.
+
+    The graph is linted after every pass and its Python code generated once, after the last: passes read
+    and rewrite the graph, none runs the module's forward (trace_model runs its graph with an Interpreter).
+    """
     for p in passes:
         start = time.perf_counter()
         try:
             model = p(model)
             model.graph.lint()
-            model.recompile()
         except FxQuantError:
             raise
         except Exception as exc:
             raise FxQuantError(f"pass {pass_name(p)} failed: {type(exc).__name__}: {exc}") from exc
         if trace is not None:
             trace.append((pass_name(p), time.perf_counter() - start, str(model.graph)))
+    model.recompile()
     return model

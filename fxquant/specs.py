@@ -12,8 +12,12 @@ DTYPE_RANGES = {
     "int8": (-128, 127),
     "int32": (-(2**31), 2**31 - 1),
 }
-OBSERVERS = ("minmax", "moving_average", "current")  # current: the range of the latest tensor only (weights)
-FAKE_QUANTS = ("ste",)
+# current: the range of the latest tensor only (weights); percentile / mse: a range chosen on a histogram of
+# everything seen (per tensor) or on the latest tensor (per channel), see fxquant.nn
+OBSERVERS = ("minmax", "moving_average", "current", "percentile", "mse")
+# ste: fixed qparams from the observer, straight-through gradient; lsq: learned scale (Esser et al. 2020);
+# lsq+: learned scale and zero point (Bhalgat et al. 2020), for asymmetric specs
+FAKE_QUANTS = ("ste", "lsq", "lsq+")
 
 
 @dataclass(frozen=True)
@@ -33,21 +37,25 @@ class QuantSpec:
     fake_quant: str = "ste"
 
     def __post_init__(self):
-        if self.dtype not in DTYPE_RANGES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_RANGES:
             raise FxQuantError(f"QuantSpec.dtype={self.dtype!r}: expected one of {sorted(DTYPE_RANGES)}")
         lo, hi = DTYPE_RANGES[self.dtype]
-        if not (lo <= self.qmin < self.qmax <= hi):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.qmin, self.qmax)) or not (
+            lo <= self.qmin < self.qmax <= hi
+        ):
             raise FxQuantError(
-                f"QuantSpec.qmin/qmax=({self.qmin}, {self.qmax}): expected {lo} <= qmin < qmax <= {hi} for dtype {self.dtype}"
+                f"QuantSpec.qmin/qmax=({self.qmin!r}, {self.qmax!r}): expected integers {lo} <= qmin < qmax <= {hi} for dtype {self.dtype}"
             )
-        if self.symmetric and self.qmin > 0:
+        if self.symmetric and self.qmin >= 0:
             raise FxQuantError(f"QuantSpec.symmetric=True needs a signed range; got qmin={self.qmin} (use dtype 'int8')")
-        if self.axis is not None and (not isinstance(self.axis, int) or self.axis < 0):
+        if self.axis is not None and (not isinstance(self.axis, int) or isinstance(self.axis, bool) or self.axis < 0):
             raise FxQuantError(f"QuantSpec.axis={self.axis!r}: expected None (per-tensor) or a channel index >= 0")
         if self.observer not in OBSERVERS:
             raise FxQuantError(f"QuantSpec.observer={self.observer!r}: expected one of {OBSERVERS}")
         if self.fake_quant not in FAKE_QUANTS:
             raise FxQuantError(f"QuantSpec.fake_quant={self.fake_quant!r}: expected one of {FAKE_QUANTS}")
+        if self.fake_quant == "lsq+" and self.symmetric:
+            raise FxQuantError("QuantSpec.fake_quant='lsq+' learns a zero point, which a symmetric spec fixes at 0: use 'lsq'")
 
     @property
     def bits(self) -> int:

@@ -9,6 +9,10 @@ A step fuses only when the producer has a single user and its module is called o
 
     w' = w * gamma / sqrt(var + eps)          (per output channel)
     b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+qat=True keeps a conv's BN alive for training: %conv1 becomes fxquant.nn.ConvBnAct2d (the conv and the
+BN in one module, the BN folded into the fake-quantized weight on every forward; see its docstring).
+A linear's BatchNorm1d is folded as above in both modes.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.meta import op_key, set_module
-from fxquant.nn import fused_class
+from fxquant.meta import info, op_key, set_module
+from fxquant.nn import ConvBnAct2d, fused_class
 
 BATCHNORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 ACTS = {
@@ -49,10 +53,12 @@ def _fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     layer.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
 
 
-def _is_bn_for(module: nn.Module, bn: nn.Module) -> bool:
+def _is_bn_for(src: fx.Node, module: nn.Module, bn: nn.Module) -> bool:
     if getattr(module, "act", None) is not None:
         return False  # conv -> relu -> bn: the BN sees activated values, nothing to fold
     base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if base is nn.Linear and (info(src).shape is None or len(info(src).shape) != 2):
+        return False  # linear on (N, L, C): BatchNorm1d normalizes axis 1, not the output features
     return type(bn) is BATCHNORMS[base] and bn.track_running_stats and bn.running_mean is not None
 
 
@@ -66,16 +72,19 @@ def _bypass(gm: fx.GraphModule, node: fx.Node, src: fx.Node, calls: Counter) -> 
             gm.delete_submodule(node.target)
 
 
-def fuse_modules(gm: fx.GraphModule) -> fx.GraphModule:
+def fuse_modules(gm: fx.GraphModule, *, qat: bool = False) -> fx.GraphModule:
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         found = _fusable_producer(gm, node, calls)
-        if found is None or not _is_bn_for(found[1], gm.get_submodule(node.target)):
+        if found is None or not _is_bn_for(*found, gm.get_submodule(node.target)):
             continue
         src, module = found
-        _fold_bn(module, gm.get_submodule(node.target))
+        if qat and isinstance(module, nn.Conv2d):
+            set_module(gm, src.target, ConvBnAct2d.from_conv_bn(module, gm.get_submodule(node.target)))
+        else:
+            _fold_bn(module, gm.get_submodule(node.target))
         _bypass(gm, node, src, calls)
 
     for node in list(gm.graph.nodes):

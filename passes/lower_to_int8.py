@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import fx
 
 from fxquant.errors import FxQuantError
-from fxquant.meta import KEY, qparams_source
+from fxquant.meta import KEY, info, qparams_source
 from fxquant.nn import ConvAct2d, FakeQuantize, LinearAct, _WeightedAct
 from fxquant.numerics import dequantize, quantize
-from fxquant.specs import BIAS_SPEC
 
 ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6}
 
@@ -56,21 +55,20 @@ def _check_calibrated(node: fx.Node, fq: FakeQuantize) -> None:
 
 def _lower_weighted(b: _Builder, node: fx.Node, module: _WeightedAct, source: FakeQuantize | None) -> None:
     spec = module.weight_fq.spec
-    weight = module.weight.detach()
-    module.weight_fq.observer(weight)
-    w_scale, w_zp = module.weight_fq.observer.qparams()
+    w_int, w_scale, w_zp, float_bias = module.lowered()  # the forward's qparams; ConvBnAct2d: the BN folded in
     with b.graph.inserting_before(node):
-        w_i8 = b.const(f"{node.name}_w_i8", quantize(weight, w_scale, w_zp, spec.qmin, spec.qmax, spec.axis, spec.dtype))
+        w_i8 = b.const(f"{node.name}_w_i8", w_int)
         w = b.call(f"{node.name}_w_dq", dequantize, w_i8, b.const(f"{node.name}_w_scale", w_scale),
                    b.const(f"{node.name}_w_zp", w_zp), spec.axis)
-        bias = None
-        if module.bias is not None and source is not None:
-            b_scale = source.scale * w_scale  # s_b = s_x * s_w
-            b_i32 = quantize(module.bias.detach(), b_scale, torch.zeros_like(b_scale), BIAS_SPEC.qmin, BIAS_SPEC.qmax, 0, "int32")
+        info(w).weight = spec  # export_onnx stores the integers in the narrowest type that holds [qmin, qmax]
+        bias, b_spec = None, node.meta[KEY].bias  # None: the backend reads a float bias (TensorRT)
+        if float_bias is not None and source is not None and b_spec is not None:
+            b_scale = source.qparams()[0] * w_scale  # s_b = s_x * s_w
+            b_i32 = quantize(float_bias, b_scale, torch.zeros_like(b_scale), b_spec.qmin, b_spec.qmax, 0, b_spec.dtype)
             bias = b.call(f"{node.name}_b_dq", dequantize, b.const(f"{node.name}_b_i32", b_i32),
                           b.const(f"{node.name}_b_scale", b_scale), b.const(f"{node.name}_b_zp", torch.zeros_like(b_scale)), 0)
-        elif module.bias is not None:
-            bias = b.const(f"{node.name}_bias", module.bias)
+        elif float_bias is not None:
+            bias = b.const(f"{node.name}_bias", float_bias)
         if isinstance(module, ConvAct2d):
             if module.padding_mode != "zeros":
                 raise FxQuantError(f"convert: conv node '{node.name}' uses padding_mode={module.padding_mode!r}; only 'zeros' lowers")
@@ -84,11 +82,11 @@ def _lower_weighted(b: _Builder, node: fx.Node, module: _WeightedAct, source: Fa
         node.op, node.target, node.args, node.kwargs = "call_function", ACT_FUNCTIONS[module.act], (core,), {}
 
 
-def _add_dequantize(b: _Builder, q: fx.Node, value: fx.Node, scale: fx.Node, zp: fx.Node, spec) -> None:
-    """After quantize node `q` of `value`: its dequantize, which every other user of `value` now reads."""
+def _add_dequantize(b: _Builder, q: fx.Node, readers_of: fx.Node, scale: fx.Node, zp: fx.Node, spec) -> None:
+    """After quantize node `q`: its dequantize, which every user of `readers_of` (but q) now reads."""
     with b.graph.inserting_after(q):
         dq = b.call(f"{q.name}_dq", dequantize, q, scale, zp, spec.axis)
-    value.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q)
+    readers_of.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q and user is not dq)
 
 
 def _lower_fake_quant(b: _Builder, node: fx.Node, fq: FakeQuantize) -> None:
@@ -96,12 +94,11 @@ def _lower_fake_quant(b: _Builder, node: fx.Node, fq: FakeQuantize) -> None:
     _check_calibrated(node, fq)
     (value,) = node.args
     with b.graph.inserting_before(node):
-        scale, zp = b.const(f"{node.name}_scale", fq.scale), b.const(f"{node.name}_zero_point", fq.zero_point)
+        scale, zp = (b.const(f"{node.name}_{what}", t) for what, t in zip(("scale", "zero_point"), fq.qparams()))
     spec = fq.spec
-    node.replace_all_uses_with(value)
     node.op, node.target, node.kwargs = "call_function", quantize, {}
     node.args = (value, scale, zp, spec.qmin, spec.qmax, spec.axis, spec.dtype)
-    _add_dequantize(b, node, value, scale, zp, spec)
+    _add_dequantize(b, node, node, scale, zp, spec)  # the fake-quant's readers; float readers of value keep it
 
 
 def _lower_shared(b: _Builder, node: fx.Node, source: str, spec) -> None:

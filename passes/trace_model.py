@@ -7,11 +7,18 @@ after:   graph():
              ...
 
 Modules named in `leaf_modules` or `exclude` (qualified names or types) are kept whole, as one
-call_module node. A trace failure names the module and the source line that broke it.
+call_module node. A trace failure names the module and the source line that broke it; with
+`auto_leaf=True` (what quantize() uses) that submodule is kept whole instead and tracing retried.
+Each kept-whole call carries the reason in meta["fxquant"].leaf, for fxquant.report().
+nn.MultiheadAttention is traced through a stand-in (fxquant.traceable) so its Linear layers quantize.
+Shapes come from a ShapeRunner: small tensors run for real, big ones on the meta device (shapes
+only, no arithmetic); code that reads tensor values makes the example inputs run for real.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import traceback
 
 import torch
@@ -19,10 +26,11 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import info, matches_names
+from fxquant.traceable import with_stand_ins
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self, leaves):
+    def __init__(self, leaves=()):  # a default: unpickling a GraphModule re-creates its tracer with no arguments
         super().__init__()
         self.leaves = tuple(leaves)
         self.path: list[str] = []  # modules being traced; left as it was when tracing fails
@@ -46,21 +54,112 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-def _trace(model: nn.Module, leaves, concrete_args) -> fx.GraphModule:
-    tracer = _Tracer(leaves)
+def _broke_at(tracer: _Tracer, exc: BaseException) -> tuple[str, str]:
+    """(qualified name of the innermost module being traced, or "" for the root; what broke and where)."""
+    where = tracer.path[-1] if tracer.path else ""
+    return where, f"{_user_frame(exc)}: {type(exc).__name__}: {exc}"
+
+
+def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False) -> tuple[fx.GraphModule, dict]:
+    """Trace `model`; with `auto_leaf`, a submodule that breaks tracing is kept whole and tracing retried.
+
+    Returns the GraphModule and {leaf qualname: why it was kept whole} for the modules made leaves here.
+    """
+    broken: dict[str, str] = {}
+    while True:
+        root = with_stand_ins(model, keep=tuple(leaves) + tuple(broken))
+        tracer = _Tracer(tuple(leaves) + tuple(broken))
+        try:
+            graph = tracer.trace(root, concrete_args=concrete_args)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__), broken
+        except Exception as exc:
+            where, why = _broke_at(tracer, exc)
+            if auto_leaf and where and where not in broken:
+                broken[where] = f"torch.fx cannot trace it at {why}"
+                continue
+            kind = type(root.get_submodule(where)).__name__ if where else ""
+            module = f"module '{where}' ({kind})" if where else "the model's own forward"
+            fix = f"exclude=['{where}'] (keeps it in float) or leaf_modules=['{where}']" if where else (
+                "concrete_args= for an argument the branch reads, or move the branch into a submodule (which can be kept whole)"
+            )
+            raise FxQuantError(f"torch.fx cannot trace {module} at {why}. Fix: pass {fix}.") from exc
+
+
+SMALL = 2**16  # elements: a real kernel on a tensor this small beats the meta device's Python shape functions
+# modules whose output has their input's shape and dtype: on the meta device, no need to call them
+SAME_SHAPE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Identity, nn.GELU,
+              nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LayerNorm)
+
+
+def _to_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+def _tensors(args) -> list[torch.Tensor]:
+    found = []
+    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, torch.Tensor) else None)
+    return found
+
+
+def _all_to_meta(args):
+    return fx.node.map_aggregate(args, _to_meta)
+
+
+@contextlib.contextmanager
+def _on_meta(module: nn.Module):
+    """`module` with its parameters and buffers swapped for meta tensors until the block ends."""
+    saved = [(m, m._parameters, m._buffers) for m in module.modules()]
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:
-        where = tracer.path[-1] if tracer.path else ""
-        module = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the model's own forward"
-        fix = f"exclude=['{where}'] (keeps it in float) or leaf_modules=['{where}']" if where else "concrete_args= or exclude="
-        raise FxQuantError(
-            f"torch.fx cannot trace {module} at {_user_frame(exc)}: {type(exc).__name__}: {exc}. Fix: pass {fix}."
-        ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+        for m, params, buffers in saved:
+            m._parameters = {k: _to_meta(v) for k, v in params.items()}
+            m._buffers = {k: _to_meta(v) for k, v in buffers.items()}
+        yield module
+    finally:
+        for m, params, buffers in saved:
+            m._parameters, m._buffers = params, buffers
 
 
-class _ShapeRecorder(fx.Interpreter):
+class ShapeRunner(fx.Interpreter):
+    """Runs a graph to learn its values' shapes, cheaply, keeping every node's value in `values`.
+
+    A call whose tensor arguments are all real and small runs for real (microseconds); any other call
+    runs on the meta device, where ops compute shapes only (a 224x224 ResNet-50 in milliseconds). With
+    `real=True` every call runs for real: code that reads tensor values needs that.
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, real: bool = False):
+        super().__init__(gm)
+        self.real, self.values = real, {}
+
+    def run_node(self, n: fx.Node):
+        self.values[n] = value = super().run_node(n)
+        return value
+
+    def _meta(self, args, kwargs) -> bool:
+        return not self.real and any(t.device.type == "meta" or t.numel() > SMALL for t in _tensors((args, kwargs)))
+
+    def call_function(self, target, args, kwargs):
+        if self._meta(args, kwargs):
+            args, kwargs = _all_to_meta((args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if self._meta(args, kwargs):
+            args, kwargs = _all_to_meta((args, kwargs))
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        if not self._meta(args, kwargs):
+            return super().call_module(target, args, kwargs)
+        args, kwargs = _all_to_meta((args, kwargs))
+        module = self.fetch_attr(target)
+        if type(module) in SAME_SHAPE and len(args) == 1 and not kwargs:
+            return args[0]
+        with _on_meta(module) as module:
+            return module(*args, **kwargs)
+
+
+class _ShapeRecorder(ShapeRunner):
     def run_node(self, n: fx.Node):
         try:
             value = super().run_node(n)
@@ -75,15 +174,80 @@ class _ShapeRecorder(fx.Interpreter):
         return value
 
 
-def trace_model(model: nn.Module, *, example_inputs: tuple, leaf_modules=(), exclude=(), concrete_args=None) -> fx.GraphModule:
-    gm = _trace(model, tuple(leaf_modules) + tuple(exclude), concrete_args)
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the block: on small tensors, waking a thread pool costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Each node's shape and dtype into its meta, from a ShapeRunner; when a node needs tensor values
+    (data-dependent code) the inputs run for real, and a failure there names the node."""
+    was_training = gm.training
+    gm.eval()  # recording shapes must not move BatchNorm statistics
+    try:
+        with one_thread():  # its real calls are on small tensors
+            _ShapeRecorder(gm).run(*example_inputs)
+    except Exception:
+        _ShapeRecorder(gm, real=True).run(*example_inputs)
+    finally:
+        gm.train(was_training)
+
+
+def _bind_concrete_args(gm: fx.GraphModule, model: nn.Module, concrete_args) -> None:
+    """fx keeps a placeholder per concrete argument; read its value from `concrete_args` instead."""
+    names = list(inspect.signature(model.forward).parameters)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not concrete_args or len(names) != len(placeholders):
+        return
+    for name, node in zip(names, placeholders):
+        if name in concrete_args:
+            value = concrete_args[name]
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+            gm.graph.erase_node(node)
+
+
+def _is_wrapped(fn) -> bool:
+    """A call_function fx did not trace into (torch.fx.wrap): not a torch op, operator or builtin."""
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _mark_leaves(gm: fx.GraphModule, leaf_modules, exclude, broken: dict) -> None:
+    for node in gm.graph.nodes:
+        why = None
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if node.target in broken:
+                why = broken[node.target]
+            elif matches_names(node.target, module, exclude):
+                why = "exclude=: kept whole, in float, as asked"
+            elif matches_names(node.target, module, leaf_modules):
+                why = "leaf_modules=: kept whole as asked"
+            elif type(module) is nn.MultiheadAttention:
+                why = "nn.MultiheadAttention in a form fxquant does not decompose (bias_k, add_zero_attn)"
+        elif node.op == "call_function" and _is_wrapped(node.target):
+            why = f"torch.fx.wrap: fx calls {getattr(node.target, '__qualname__', node.target)} whole"
+        info(node).leaf = why
+
+
+def trace_model(model: nn.Module, *, example_inputs: tuple, leaf_modules=(), exclude=(), concrete_args=None,
+                auto_leaf: bool = False) -> fx.GraphModule:
+    leaf_modules, exclude = tuple(leaf_modules), tuple(exclude)
+    gm, broken = _trace(model, leaf_modules + exclude, concrete_args, auto_leaf=auto_leaf)
+    _bind_concrete_args(gm, model, concrete_args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         names = [n.target for n in placeholders]
         raise FxQuantError(f"example_inputs: the model takes {len(names)} inputs {names}, got {len(example_inputs)}")
-    was_training = gm.training
-    gm.eval()  # recording shapes must not move BatchNorm statistics
-    with torch.no_grad():
-        _ShapeRecorder(gm).run(*example_inputs)
-    gm.train(was_training)
+    record_shapes(gm, example_inputs)
+    _mark_leaves(gm, leaf_modules, exclude, broken)
     return gm

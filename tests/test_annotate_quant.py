@@ -170,6 +170,6 @@ def test_non_float_values_and_float_ops_are_not_quantized():
     got = rules(gm)
     assert got["add"] is None and got["sub"] is None and got["size"] is None
     assert got["softmax"] == "float_ops" and info(node(gm, "softmax")).output is None
-    assert got["getitem"] is None  # slicing has no row: stays float
-    assert got["mean"] is None  # no row: the fc reads a float value, which it quantizes itself
+    assert got["getitem"] == "movement" and info(node(gm, "getitem")).output is None  # slicing keeps its input's grid (none here)
+    assert got["mean"] == "float_math"  # float by rule: the fc reads a float value, which it quantizes itself
     assert info(node(gm, "fc")).inputs == {0: U8}

@@ -9,11 +9,14 @@ from typing import Callable
 from fxquant.errors import FxQuantError
 from fxquant.specs import QuantSpec
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
+BACKEND_META = "fxquant_backend"  # GraphModule.meta key: the Backend a model was quantized for
 
 QUANTIZE = "quantize"  # inputs and output quantized: the op runs as an integer kernel
 SHARE = "share"  # output carries the input's qparams (the op moves or picks values)
+SHARE_INPUTS = "share_inputs"  # every input and the output on ONE set of qparams (cat: a copy, no requantize)
 FLOAT = "float"  # stays float between DQ and Q, by rule
+KINDS = (QUANTIZE, SHARE, SHARE_INPUTS, FLOAT)
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class Rule:
     weight: the first node's module has a weight to fake-quantize (per-channel, axis 0).
     output: the chain's output gets its own fake-quant (False: the next op's input rule decides).
     check: optional `(module_or_None, node) -> bool`; a row whose check says False declines.
+    onnx: the ONNX op types the chain's first node exports to; `fxquant.onnx_check` reads the
+        exported file through this column, so one table drives both placement and checking.
+    spec: the activation spec of this row when it differs from the backend's ACTIVATION.
     """
 
     name: str
@@ -34,42 +40,119 @@ class Rule:
     weight: bool = False
     output: bool = True
     check: Callable | None = None
+    onnx: tuple[str, ...] = ()
+    spec: QuantSpec | None = None
 
     def __post_init__(self):
-        if self.kind not in (QUANTIZE, SHARE, FLOAT):
-            raise FxQuantError(f"rule {self.name!r}: kind={self.kind!r}, expected quantize, share or float")
+        if self.kind not in KINDS:
+            raise FxQuantError(f"rule {self.name!r}: kind={self.kind!r}, expected one of {KINDS}")
         if not self.pattern or not all(isinstance(step, tuple) and step for step in self.pattern):
             raise FxQuantError(f"rule {self.name!r}: pattern must be a non-empty tuple of non-empty tuples")
+        if not isinstance(self.onnx, tuple) or not all(isinstance(t, str) and t for t in self.onnx):
+            raise FxQuantError(f"rule {self.name!r}: onnx={self.onnx!r}, expected a tuple of ONNX op type names")
+        if self.spec is not None and (not isinstance(self.spec, QuantSpec) or self.kind in (SHARE, FLOAT)):
+            raise FxQuantError(f"rule {self.name!r}: spec= needs a QuantSpec on a quantize or share_inputs row")
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A backend module defines RULES, ACTIVATION and WEIGHT (the 8-bit specs; bit widths narrow them)."""
+    """A backend module defines RULES, ACTIVATION and WEIGHT (the 8-bit specs; bit widths narrow them),
+    BIAS (the int32 bias spec, or None: bias stays float), FOLDED (ONNX activations the runtime fuses
+    into the quantized op before them) and optionally REDUCED_WEIGHT_BITS (see `reduce_range`)."""
 
     name: str
     rules: tuple[Rule, ...]
     activation: QuantSpec
     weight: QuantSpec
+    bias: QuantSpec | None = None
+    folded: tuple[str, ...] = ()
+    reduce_range: bool = False  # weights narrowed to the table's REDUCED_WEIGHT_BITS
+
+    def spec_of(self, rule: Rule) -> QuantSpec:
+        return rule.spec or self.activation
+
+    def __reduce_ex__(self, protocol):
+        """A shipped backend pickles by name (its rows hold functions pickle cannot name, such as
+        F.max_pool2d), so a quantized GraphModule carrying it in .meta stays picklable."""
+        if self.name in BACKENDS:
+            return _backend_by_name, (self.name, self.reduce_range)
+        return super().__reduce_ex__(protocol)
 
 
-def check_rules(name: str, rules: tuple[Rule, ...]) -> None:
-    """Reject a table where one op key is claimed alone, unconditionally, by rows of different kinds."""
-    single = {}
+# row checks shared by tables: `(module_or_None, node) -> bool`
+
+
+def global_pool(module, node) -> bool:
+    """adaptive_avg_pool2d to 1x1: a mean over H, W (GlobalAveragePool)."""
+    size = module.output_size if module is not None else node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+    return size in (1, (1, 1), [1, 1])
+
+
+def inference_identity(module, node) -> bool:
+    """stochastic_depth(x, p, mode, training) is x when traced with training=False (eval) or p == 0."""
+    args = dict(zip(("input", "p", "mode", "training"), node.args), **node.kwargs)
+    return not args.get("training", True) or args.get("p") == 0.0
+
+
+def _name(key) -> str:
+    return getattr(key, "__name__", str(key))
+
+
+def _check_one_kind(name: str, rules, keys_of) -> None:
+    """Each key (an op key or an ONNX op type) belongs to rows of one kind and one spec."""
+    seen = {}
     for rule in rules:
-        if len(rule.pattern) != 1 or rule.check is not None:
-            continue
-        for key in rule.pattern[0]:
-            other = single.setdefault(key, rule)
+        for key in keys_of(rule):
+            other = seen.setdefault(key, rule)
             if other.kind != rule.kind:
                 raise FxQuantError(
-                    f"backend {name!r}: op {getattr(key, '__name__', key)!r} is {other.kind!r} in row "
-                    f"{other.name!r} and {rule.kind!r} in row {rule.name!r}"
+                    f"backend {name!r}: op {_name(key)!r} is {other.kind!r} in row {other.name!r} and {rule.kind!r} in row {rule.name!r}"
                 )
+            if other.spec != rule.spec:
+                raise FxQuantError(f"backend {name!r}: op {_name(key)!r} has two specs, in rows {other.name!r} and {rule.name!r}")
 
 
-def load_backend(name: str) -> Backend:
+def _check_shared_group(name: str, rules, activation: QuantSpec | None) -> None:
+    """share_inputs rows merge the fake-quants of whatever quantized rows feed them: one spec for all."""
+    if activation is None or not any(r.kind == SHARE_INPUTS for r in rules):
+        return
+    producers = [r for r in rules if r.kind == SHARE_INPUTS or (r.kind == QUANTIZE and r.output)]
+    first = producers[0]
+    for rule in producers[1:]:
+        if (rule.spec or activation) != (first.spec or activation):
+            raise FxQuantError(
+                f"backend {name!r}: rows {first.name!r} and {rule.name!r} can feed one shared-qparam group "
+                f"(share_inputs) with different specs; give them one spec"
+            )
+
+
+def check_rules(name: str, rules: tuple[Rule, ...], activation: QuantSpec | None = None) -> None:
+    """Reject a table with a contradiction, naming the rows: an op claimed alone, unconditionally, by
+    rows of different kinds or specs; an ONNX op type read as two kinds (the checker could not tell
+    them apart); rows that feed one shared-qparam group with different specs."""
+    _check_one_kind(name, rules, lambda r: r.pattern[0] if len(r.pattern) == 1 and r.check is None else ())
+    _check_one_kind(name, rules, lambda r: r.onnx)
+    _check_shared_group(name, rules, activation)
+
+
+def _backend_by_name(name: str, reduce_range: bool) -> Backend:
+    return load_backend(name, reduce_range=reduce_range)
+
+
+def load_backend(name, *, reduce_range: bool = False) -> Backend:
+    """The backend `name` (a Backend passes through), checked once; `reduce_range` needs REDUCED_WEIGHT_BITS."""
+    if isinstance(name, Backend):
+        if name.reduce_range or not reduce_range:
+            return name
+        name = name.name
     if name not in BACKENDS:
         raise FxQuantError(f"backend={name!r}: expected one of {BACKENDS}")
     table = importlib.import_module(f"fxquant.backends.{name}")
-    check_rules(name, table.RULES)
-    return Backend(name, table.RULES, table.ACTIVATION, table.WEIGHT)
+    check_rules(name, table.RULES, table.ACTIVATION)
+    weight = table.WEIGHT
+    if reduce_range:
+        bits = getattr(table, "REDUCED_WEIGHT_BITS", None)
+        if bits is None:
+            raise FxQuantError(f"reduce_range=True: backend {name!r} has no reduced-range weights; leave reduce_range=False")
+        weight = weight.with_bits(bits)
+    return Backend(name, table.RULES, table.ACTIVATION, weight, table.BIAS, table.FOLDED, bool(reduce_range))

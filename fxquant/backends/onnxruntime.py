@@ -1,8 +1,22 @@
 """ONNX Runtime (CPU, QDQ format): Q/DQ placed so the runtime fuses each quantized row.
 
 uint8 per-tensor activations, int8 per-channel symmetric weights, int32 bias (scale s_x*s_w).
-Conv/Gemm -> QLinearConv/QGemm, Add -> QLinearAdd, GlobalAveragePool -> QLinearGlobalAveragePool;
-a ReLU/Clip right before a Q is folded by the runtime, so it stays inside its producer's row.
+What ORT's QDQ selectors (level ENABLE_EXTENDED and up) make of each row, checked on ORT 1.32:
+    DQ -> Conv/Gemm/MatMul -> Q            QLinearConv / QGemm / QLinearMatMul (MatMulIntegerToFloat
+                                           when a float Add of the bias follows a MatMul)
+    DQ, DQ -> Add/Mul -> Q                 QLinearAdd / QLinearMul (contrib ops)
+    DQ -> Sigmoid/GlobalAveragePool -> Q   QLinearSigmoid / QLinearGlobalAveragePool
+    DQ... -> Concat -> Q                   QLinearConcat (fxquant gives every input one scale: a copy)
+    DQ -> MaxPool/Reshape/Flatten/Transpose -> Q   the Q/DQ pair is dropped: it needs equal qparams
+                                           on both sides, hence the share rows
+A ReLU/Clip right before a Q is folded by the runtime (FOLDED), so it stays inside its producer's row.
+SiLU reaches this table as x * sigmoid(x) (passes/decompose_ops): QLinearSigmoid + QLinearMul.
+
+reduce_range: `fxquant.quantize(..., reduce_range=True)` narrows weights to REDUCED_WEIGHT_BITS = 7,
+[-63, 63]. On AVX2 CPUs without VNNI, MLAS multiplies u8 activations by s8 weights with vpmaddubsw,
+which adds two u8*s8 products in int16: 2 * 255 * 127 = 64770 overflows 32767 and saturates, while
+2 * 255 * 63 = 32130 cannot. CPUs with AVX-VNNI / AVX512-VNNI (vpdpbusd) accumulate in int32 and need
+no reduced range; it costs one bit of weight precision.
 """
 
 import operator
@@ -11,31 +25,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.backends import FLOAT, QUANTIZE, SHARE, Rule
+from torchvision.ops.stochastic_depth import stochastic_depth
+
+from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, global_pool, inference_identity
 from fxquant.nn import ConvAct2d, LinearAct
-from fxquant.specs import activation_spec, weight_spec
+from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
 
 ACTIVATION = activation_spec()  # uint8 per-tensor affine: u8 activations x s8 weights is ORT's fast path
 WEIGHT = weight_spec()  # int8 [-127, 127] per output channel, zero point 0
+BIAS = BIAS_SPEC  # int32, scale s_x * s_w: what QLinearConv / QGemm read
+FOLDED = ("Relu", "Clip")  # ORT removes these between a quantized op and its Q (zero point at qmin)
+REDUCED_WEIGHT_BITS = 7  # reduce_range=True: [-63, 63], see above
 
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
+MUL = (operator.mul, torch.mul, "mul")
+SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 
 
+def _pads_zero(module, node) -> bool:
+    """F.pad / ZeroPad2d / ConstantPad2d that pad with the value 0 (constant mode)."""
+    if module is not None:
+        return float(getattr(module, "value", 0.0)) == 0.0
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return mode == "constant" and not value
 
-def _global_pool(module, node) -> bool:
-    size = module.output_size if module is not None else node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-    return size in (1, (1, 1), [1, 1])
+
+def _nearest(module, node) -> bool:
+    """Nearest-neighbour resizing: every output value is an input value."""
+    mode = module.mode if module is not None else node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+    return mode == "nearest"
 
 
 RULES = (
-    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True),  # y = act(conv(x, w) + b)
-    Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True),  # y = act(x @ w.T + b)
-    Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1)),  # y = relu(a + b): QLinearAdd, relu folded
-    Rule("add", (ADD,), QUANTIZE, inputs=(0, 1)),  # y = a + b: QLinearAdd
-    Rule("global_avgpool", ((nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d),), QUANTIZE, check=_global_pool),  # mean over H, W
-    Rule("maxpool", ((nn.MaxPool2d, F.max_pool2d),), SHARE),  # picks input values: same grid
-    Rule("relu", (RELU,), SHARE),  # max(x, 0) of on-grid values is on the grid (zero is on it)
-    Rule("reshape", ((torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity),), SHARE),
-    Rule("float_ops", ((nn.Softmax, F.softmax, nn.Sigmoid, torch.sigmoid),), FLOAT),
+    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True, onnx=("Conv",)),  # y = act(conv(x, w) + b)
+    Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul")),  # y = act(x @ w.T + b)
+    Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = relu(a + b): QLinearAdd, relu folded
+    Rule("add", (ADD,), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = a + b: QLinearAdd
+    Rule("mul", (MUL,), QUANTIZE, inputs=(0, 1), onnx=("Mul",)),  # y = a * b: QLinearMul (silu, squeeze-excitation)
+    Rule("sigmoid", (SIGMOID,), QUANTIZE, onnx=("Sigmoid",)),  # y = 1 / (1 + exp(-x)): QLinearSigmoid, a 256-entry table
+    Rule("global_avgpool", ((nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d),), QUANTIZE, check=global_pool, onnx=("GlobalAveragePool",)),  # mean over H, W
+    Rule("cat", ((torch.cat, torch.concat),), SHARE_INPUTS, onnx=("Concat",)),  # QLinearConcat: one scale, a copy
+    Rule("maxpool", ((nn.MaxPool2d, F.max_pool2d),), SHARE, onnx=("MaxPool",)),  # picks input values: same grid
+    Rule("relu", (RELU,), SHARE, onnx=("Relu",)),  # max(x, 0) of on-grid values is on the grid (zero is on it)
+    Rule("reshape", ((torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity),), SHARE,
+         onnx=("Flatten", "Reshape")),
+    Rule("transpose", ((torch.permute, "permute", torch.transpose, "transpose"),), SHARE, onnx=("Transpose",)),
+    Rule("stochastic_depth", ((stochastic_depth,),), SHARE, check=inference_identity),  # identity in eval
+    Rule("float_ops", ((nn.Softmax, F.softmax),), FLOAT, onnx=("Softmax",)),
+    # model zoo (issue 5): transformers, mobile nets. Ops ORT has no integer kernel for stay float by these rows.
+    Rule("matmul", ((torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"),), QUANTIZE, inputs=(0, 1),
+         onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
+    Rule("avgpool", ((nn.AvgPool2d, F.avg_pool2d),), QUANTIZE, onnx=("AveragePool",)),  # QLinearAveragePool
+    Rule("movement", ((torch.swapaxes, "swapaxes", "unflatten", torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze",
+                       "contiguous", operator.getitem),), SHARE),  # moves or picks values: the input's grid
+    Rule("zero_pad", ((F.pad, nn.ZeroPad2d, nn.ConstantPad2d),), SHARE, check=_pads_zero),  # 0 is on every grid
+    Rule("upsample_nearest", ((F.interpolate, nn.Upsample),), SHARE, check=_nearest),  # copies input values
+    Rule("layer_norm", ((nn.LayerNorm, F.layer_norm),), FLOAT, onnx=("LayerNormalization",)),
+    Rule("batchnorm", ((nn.BatchNorm2d, nn.BatchNorm1d),), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
+    Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,
+                                torch.tanh, "tanh"),), FLOAT),
+    Rule("float_math", ((torch.mean, "mean", torch.softmax, "softmax", torch.einsum),), FLOAT),
 )

@@ -1,0 +1,105 @@
+"""Smoke tests of the two tools at tiny sizes: bench_passes (pass speed) and coverage (the model zoo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fxquant.passes import trace_model
+from fxquant.tools import bench_passes, coverage
+
+
+def test_chain_has_three_ops_per_block():
+    gm = trace_model(bench_passes.chain(7), example_inputs=(torch.randn(1, 4, 4, 4),))
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 7
+
+
+def test_bench_runs_and_judges_each_target():
+    result = bench_passes.run(repeats=1, blocks=[10, 100], size=32)
+    r = result["resnet50"]
+    assert r["fxquant_s"] > 0 and r["torch_ao_s"] > 0 and r["ratio"] == pytest.approx(r["fxquant_s"] / r["torch_ao_s"])
+    assert result["met"]["resnet50_ratio"] == (r["ratio"] <= bench_passes.TARGETS["resnet50_ratio"])
+    assert result["met"]["export_resnet50_s"] == (result["export"]["export_s"] < bench_passes.TARGETS["export_resnet50_s"])
+    assert set(result["chains"]) == {10, 100} and "chain_scaling" not in result  # the 1k/10k targets need those sizes
+    text = bench_passes.table(result)
+    assert "prepare_qat_fx" in text and "100 conv-bn-relu blocks" in text and "export_onnx" in text
+
+
+def test_coverage_rows_in_json_and_markdown(tmp_path):
+    out_json, out_md = tmp_path / "rows.json", tmp_path / "table.md"
+    coverage.main(["--models", "squeezenet1_1", "--size", "48", "--json", str(out_json), "--markdown", str(out_md)])
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["model"] == "squeezenet1_1" and row["traced"] and row["exported"] and row["ort_ran"] and not row["error"]
+    assert row["layer_steps"] <= 1 and row["passed"] == (row["sqnr_onnx_db"] >= 30 and row["top1_same"])
+    quantized, total = map(int, row["quantized"].split("/"))
+    assert 0 < quantized <= total
+    assert "| squeezenet1_1 | 48 | yes | yes |" in out_md.read_text()
+
+
+def test_a_failing_model_is_a_row_not_a_crash(tmp_path):
+    out_json = tmp_path / "rows.json"
+    coverage.main(["--models", "squeezenet1_1,mobilenet_v3_small", "--size", "8", "--json", str(out_json)])
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["squeezenet1_1", "mobilenet_v3_small"]
+    squeeze = rows[0]  # 8x8 is too small for squeezenet's pooling: tracing names the node, the run goes on
+    assert not squeeze["passed"] and not squeeze["traced"] and not squeeze["exported"]
+    assert "FxQuantError: example_inputs: node 'features_5'" in squeeze["error"]
+    assert rows[1]["exported"]
+
+
+def test_timeout_is_a_row():
+    class Args:
+        timeout, threads, torch_ao = 0.01, 1, False
+
+    row = coverage._in_subprocess("squeezenet1_1", 48, Args)
+    assert row.error == "timed out after 0.01 s" and not row.passed
+
+
+def test_readme_table_goes_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{coverage.BEGIN}\nold table\n{coverage.END}\ntail\n")
+    coverage.write_readme(str(readme), "| new |\n")
+    assert readme.read_text() == f"# x\n{coverage.BEGIN}\n| new |\n{coverage.END}\ntail\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="add the markers"):
+        coverage.write_readme(str(tmp_path / "plain.md"), "| new |\n")
+
+
+def test_unknown_model_names_are_refused():
+    with pytest.raises(SystemExit):
+        coverage.main(["--models", "resnet18,not_a_model"])
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # one parameter, two modules
+        self.shared = torch.nn.Sequential(self.a, torch.nn.BatchNorm1d(4))
+        self.register_buffer("steps", torch.zeros(()))
+
+
+def test_copy_model_copies_what_passes_change_and_keeps_ties():
+    from fxquant.api import copy_model
+
+    model = Tied()
+    handle = model.a.register_forward_hook(lambda *args: None)
+    clone = copy_model(model)
+    assert clone.b.weight is clone.a.weight and clone.shared[0] is clone.a  # ties and shared modules survive
+    assert clone.a.weight is not model.a.weight and torch.equal(clone.a.weight, model.a.weight)
+    assert isinstance(clone.a.weight, torch.nn.Parameter) and clone.a.weight.requires_grad
+    with torch.no_grad():
+        clone.a.weight.add_(1)
+        clone.shared[1].running_mean.add_(1)
+        clone.steps.add_(1)
+    assert not torch.equal(clone.a.weight, model.a.weight) and model.shared[1].running_mean.abs().sum() == 0
+    assert model.steps == 0
+    clone.a._forward_hooks.clear()  # hook dicts are the copy's own
+    assert handle.id in model.a._forward_hooks
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_model(model).a(x), model.a(x))

@@ -1,0 +1,388 @@
+"""Tracing that explains itself: leaves kept whole (and why), concrete_args, the report, attention
+stand-ins, leaves and batch-dependent sizes in the ONNX file, external data."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import fxquant
+from fxquant import FxQuantError
+from fxquant.check import agreement, ort_session, output_scale, run_onnx
+from fxquant.nn import FakeQuantize
+from fxquant.passes import trace_model
+
+
+def _line_of(fn, text: str) -> int:
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace the `if`."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 1), Gate())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+class RootBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            return y
+        return -y
+
+
+def _images(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ptq(model, x, batches=3, **kwargs):
+    calib = [_images(*x.shape, seed=10 + i) for i in range(batches)]
+    return fxquant.quantize(model.eval(), x, calib_data=calib, progress=False, **kwargs)
+
+
+# ------------------------------------------------------------------ leaves kept whole, and why
+
+
+def test_untraceable_submodule_becomes_a_reported_float_leaf():
+    model, x = GatedNet().eval(), _images(2, 3, 8, 8)
+    qmodel = _ptq(model, x)
+    (leaf,) = fxquant.report(qmodel).leaves
+    assert leaf.name == "body_1" and leaf.op == "Gate" and leaf.rule is None
+    assert f"{__file__}:{_line_of(Gate.forward, 'if x.sum()')}" in leaf.leaf and "`if x.sum() > 0:`" in leaf.leaf
+    assert "TraceError" in leaf.leaf
+    targets = [n.target for n in qmodel.graph.nodes if n.op == "call_module"]
+    assert "body.1" in targets and not any(t.startswith("body.1.") for t in targets)
+    assert not any(isinstance(m, FakeQuantize) for m in qmodel.get_submodule("body.1").modules())
+    fxquant.set_fake_quant(qmodel, enabled=False)  # the float graph around the leaf: both branches still live
+    with torch.no_grad():
+        for sign in (1, -1):
+            xs = sign * x.abs()
+            assert torch.allclose(qmodel(xs), model(xs), atol=1e-6)
+
+
+def test_report_text_names_the_leaf_and_its_line():
+    text = str(fxquant.report(_ptq(GatedNet(), _images(2, 3, 8, 8))))
+    assert text.splitlines()[0].startswith("4 ops: 3 quantized")
+    assert "leaves (kept whole by trace, run in float):" in text and "`if x.sum() > 0:`" in text
+
+
+def test_without_auto_leaf_trace_model_raises_naming_module_and_line():
+    with pytest.raises(FxQuantError, match=r"module 'body\.1' \(Gate\) at .*`if x\.sum\(\) > 0:`.*exclude=\['body\.1'\]"):
+        trace_model(GatedNet(), example_inputs=(_images(1, 3, 8, 8),))
+
+
+def test_control_flow_in_the_root_forward_is_a_clear_error():
+    with pytest.raises(FxQuantError, match=r"the model's own forward at .*`if y\.mean\(\) > 0:`.*concrete_args="):
+        fxquant.quantize(RootBranch(), _images(1, 3, 4, 4), progress=False)
+
+
+def test_export_refuses_a_leaf_that_reads_tensor_values(tmp_path):
+    x = _images(2, 3, 8, 8)
+    with pytest.raises(FxQuantError, match=r"node 'body_1' .*reads tensor values.*torch\.where"):
+        fxquant.export_onnx(_ptq(GatedNet(), x), tmp_path / "gated.onnx", x)
+    assert os.listdir(tmp_path) == []
+
+
+class Flagged(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, use_relu=True):
+        y = self.conv(x)
+        if use_relu:
+            return F.relu(y)
+        return y - 1
+
+
+def test_concrete_args_fix_a_python_flag():
+    model, x = Flagged().eval(), _images(2, 3, 4, 4)
+    qmodel = fxquant.quantize(model, x, concrete_args={"use_relu": False}, progress=False)
+    assert [n.op for n in qmodel.graph.nodes].count("placeholder") == 1
+    assert not any(n.target in (F.relu, "relu") for n in qmodel.graph.nodes)
+    fxquant.set_fake_quant(qmodel, observe=False, enabled=False)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), model(x, use_relu=False))
+        assert not torch.allclose(qmodel(x), model(x))  # the default (relu) branch is not what was traced
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x))
+
+
+class BlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block()
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.block(self.stem(x))))
+
+
+def _ort_vs_reference(qmodel, path, x_export, x_test):
+    int8 = fxquant.convert(qmodel)
+    fxquant.export_onnx(int8, path, x_export)
+    with torch.no_grad():
+        ref = int8(x_test).numpy()
+    return agreement(ref, run_onnx(ort_session(path), x_test), output_scale(int8))
+
+
+def test_user_leaf_module_stays_float_and_exports_through_torch_onnx(tmp_path):
+    x = _images(2, 3, 8, 8)
+    qmodel = _ptq(BlockNet(), x, leaf_modules=[Block])
+    (leaf,) = fxquant.report(qmodel).leaves
+    assert (leaf.name, leaf.op) == ("block", "Block") and "leaf_modules" in leaf.leaf
+    assert not any(isinstance(m, FakeQuantize) for m in qmodel.block.modules())
+    got = _ort_vs_reference(qmodel, tmp_path / "leaf.onnx", x, _images(5, 3, 8, 8, seed=3))  # batch 5: dynamic
+    assert got.max_steps <= 1 + 1e-4 and got.within_one_step >= 0.999, got
+    assert any(n.name.startswith("block/") for n in onnx.load(tmp_path / "leaf.onnx").graph.node)
+
+
+class Mixed(nn.Module):
+    """conv (quantized), LayerNorm (float by rule), cumsum (no row: float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return torch.cumsum(y, 1)
+
+
+def test_report_sorts_ops_into_quantized_float_by_rule_and_no_rule():
+    qmodel = _ptq(Mixed(), _images(2, 3, 4, 4))
+    rep = fxquant.report(qmodel)
+    assert [o.name for o in rep.quantized] == ["conv"]
+    assert [(o.name, o.rule) for o in rep.float_by_rule] == [("norm", "layer_norm")]
+    assert [o.name for o in rep.no_rule] == ["cumsum"]
+    assert [o.name for o in rep.shared] == ["permute"] and rep.leaves == ()
+    fq_inputs = {n.args[0].name for n in qmodel.graph.nodes if n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), FakeQuantize)}
+    assert "cumsum" not in fq_inputs and "norm" not in fq_inputs  # nothing after them asked for a grid
+    lowered = fxquant.report(fxquant.convert(qmodel))  # the int8 graph: the same ops, conv now F.conv2d
+    assert [(o.name, o.kind) for o in lowered.ops] == [(o.name, o.kind) for o in rep.ops]
+
+
+def test_report_rejects_a_plain_module():
+    with pytest.raises(FxQuantError, match="report: expected a GraphModule"):
+        fxquant.report(Mixed())
+
+
+# ------------------------------------------------------------------ nn.MultiheadAttention stand-in
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first=True, masked=False):
+        super().__init__()
+        self.proj = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.batch_first, self.masked = batch_first, masked
+        self.register_buffer("mask", torch.triu(torch.ones(5, 5, dtype=torch.bool), 1))
+
+    def forward(self, x):  # x: (N, L, 8)
+        h = self.proj(x)
+        h = h if self.batch_first else h.transpose(0, 1)
+        out, _ = self.attn(h, h, h, need_weights=False, attn_mask=self.mask if self.masked else None)
+        out = out if self.batch_first else out.transpose(0, 1)
+        return out + h if self.batch_first else out + h.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_stand_in_computes_what_torch_does(batch_first):
+    model, x = Attention(batch_first).eval(), _images(3, 5, 8)
+    gm = trace_model(model, example_inputs=(x,))
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention) for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)  # decomposed ops vs torch's fused kernel
+    assert model.attn.in_proj_weight is not None  # the user's module is untouched
+
+
+def test_attention_linears_and_matmuls_are_quantized():
+    rep = fxquant.report(_ptq(Attention(), _images(3, 5, 8)))
+    quantized = {o.name for o in rep.quantized}
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert f"attn_{proj}" in quantized
+    assert {"matmul", "matmul_1"} <= quantized and rep.leaves == ()
+    assert [o.op for o in rep.float_by_rule] == ["softmax"]
+
+
+def test_masked_attention_stays_a_reported_leaf():
+    model, x = Attention(masked=True).eval(), _images(3, 5, 8)
+    qmodel = _ptq(model, x)
+    (leaf,) = fxquant.report(qmodel).leaves
+    assert leaf.op == "MultiheadAttention" and "NotDecomposable" in leaf.leaf and "attention masks" in leaf.leaf
+    fxquant.set_fake_quant(qmodel, observe=False, enabled=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x))
+
+
+def test_attention_onnx_matches_the_reference_at_another_batch(tmp_path):
+    x = _images(2, 5, 8)
+    got = _ort_vs_reference(_ptq(Attention(), x), tmp_path / "attn.onnx", x, _images(6, 5, 8, seed=4))
+    assert got.max_steps <= 1 + 1e-4 and got.within_one_step >= 0.999 and got.top1 == 1.0, got
+
+
+# ------------------------------------------------------------------ wrapped functions, batch-dependent sizes
+
+
+def pad_to_multiple(x, m: int):
+    """Pads H and W up to a multiple of m: Python arithmetic on the shape, which fx cannot trace."""
+    h, w = x.shape[-2:]
+    if h % m or w % m:
+        x = F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m))
+    return x
+
+
+torch.fx.wrap("pad_to_multiple")
+
+
+class Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.head = nn.Conv2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        return self.head(pad_to_multiple(F.relu(self.conv(x)), 4))
+
+
+def test_wrapped_function_is_a_leaf_exported_whole(tmp_path):
+    x = _images(2, 3, 13, 13)
+    qmodel = _ptq(Padded(), x)
+    (leaf,) = fxquant.report(qmodel).leaves
+    assert leaf.op == "pad_to_multiple" and "torch.fx.wrap" in leaf.leaf
+    got = _ort_vs_reference(qmodel, tmp_path / "padded.onnx", x, _images(5, 3, 13, 13, seed=5))
+    assert got.max_steps <= 1 + 1e-4 and got.within_one_step >= 0.999, got
+
+
+def times(x, n: int):
+    return x * n
+
+
+torch.fx.wrap("times")
+
+
+class TimesBatch(nn.Module):
+    def forward(self, x):
+        return times(x, x.size(0))
+
+
+def test_a_leaf_reading_a_batch_size_refuses_a_dynamic_batch(tmp_path):
+    x = _images(2, 3)
+    with pytest.raises(FxQuantError, match=r"leaf 'times' reads \['size'\], sizes that follow the batch.*dynamic_batch=False"):
+        fxquant.export_onnx(TimesBatch(), tmp_path / "t.onnx", x)
+    fxquant.export_onnx(TimesBatch(), tmp_path / "t.onnx", x, dynamic_batch=False)
+    np.testing.assert_allclose(run_onnx(ort_session(tmp_path / "t.onnx"), x), (x * 2).numpy())
+
+
+class ClassToken(nn.Module):
+    """vit's pattern: sizes read from the input (x.shape[0], x.size(0)) feed expand, cat and view."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, 6))
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):  # x: (N, 4, 6)
+        n = x.shape[0]
+        y = torch.cat([self.token.expand(n, -1, -1), self.proj(x)], dim=1)
+        return y.view(x.size(0), -1)[:, 1::2]
+
+
+def test_sizes_that_follow_the_batch_stay_dynamic_in_the_file(tmp_path):
+    model = ClassToken().eval()
+    fxquant.export_onnx(model, tmp_path / "tok.onnx", _images(1, 4, 6))
+    session = ort_session(tmp_path / "tok.onnx")
+    for batch in (1, 3, 7):
+        x = _images(batch, 4, 6, seed=batch)
+        with torch.no_grad():
+            np.testing.assert_allclose(run_onnx(session, x), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, out", [(1, 6), (9, 4), (5, 7)])
+def test_uneven_adaptive_avgpool_exports_as_pooling_matrices(tmp_path, size, out):
+    model, x = nn.AdaptiveAvgPool2d(out).eval(), _images(2, 3, size, size)
+    fxquant.export_onnx(model, tmp_path / "pool.onnx", x)
+    np.testing.assert_allclose(run_onnx(ort_session(tmp_path / "pool.onnx"), x), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ external data, shape recording
+
+
+def test_external_data_writes_two_files_that_onnxruntime_reads(tmp_path):
+    x = _images(2, 3, 8, 8)
+    int8 = fxquant.convert(_ptq(BlockNet(), x))
+    fxquant.export_onnx(int8, tmp_path / "inline.onnx", x)
+    fxquant.export_onnx(int8, tmp_path / "split.onnx", x, external_data=True)
+    assert sorted(os.listdir(tmp_path)) == ["inline.onnx", "split.onnx", "split.onnx.data"]
+    inits = onnx.load(tmp_path / "split.onnx", load_external_data=False).graph.initializer
+    assert inits and all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in inits)
+    xt = _images(4, 3, 8, 8, seed=7)
+    np.testing.assert_array_equal(run_onnx(ort_session(tmp_path / "split.onnx"), xt), run_onnx(ort_session(tmp_path / "inline.onnx"), xt))
+
+
+def test_external_data_switches_on_past_protobufs_limit(tmp_path, monkeypatch):
+    import fxquant.onnx_export as onnx_export
+
+    x = _images(2, 3, 8, 8)
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 64 * 2**20 + 10)  # as if this model were 2 GB
+    fxquant.export_onnx(BlockNet().eval(), tmp_path / "big.onnx", x)
+    assert os.path.exists(tmp_path / "big.onnx.data")
+    monkeypatch.undo()
+    fxquant.export_onnx(BlockNet().eval(), tmp_path / "small.onnx", x)
+    assert not os.path.exists(tmp_path / "small.onnx.data")
+
+
+class DeviceSpy(nn.Module):
+    """Records the device of every input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.device.type)
+        return x + 1
+
+
+@pytest.mark.parametrize("side, device", [(8, "cpu"), (256, "meta")])
+def test_shapes_are_recorded_on_meta_for_big_tensors(side, device):
+    spy = DeviceSpy()
+    gm = trace_model(nn.Sequential(nn.Identity(), spy), example_inputs=(torch.zeros(1, 3, side, side),), leaf_modules=[DeviceSpy])
+    assert spy.seen == [device]  # small: a real call; big: shapes only, no arithmetic
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "1")
+    assert node.meta["fxquant"].shape == (1, 3, side, side)

