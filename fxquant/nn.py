@@ -50,13 +50,13 @@ class MinMaxObserver(nn.Module):
         return per_channel.amin(1), per_channel.amax(1)  # several times faster than aminmax(dim=1) on CPU
 
     def _update(self, lo, hi):
-        self.min_val.copy_(torch.minimum(self.min_val, lo))
-        self.max_val.copy_(torch.maximum(self.max_val, hi))
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
         lo, hi = self._batch_range(x.detach().float())
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        if not bool(torch.isfinite(torch.stack((lo, hi))).all()):
             raise FxQuantError("observer saw NaN or Inf: check the model's inputs (calib_data) and weights")
         if self.training and _distributed():
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -260,11 +260,8 @@ class FakeQuantize(nn.Module):
     def _cannot_clip(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
         """Whether every element of a float32 batch with range [lo, hi] rounds into [qmin, qmax]. Exact:
         x / s (IEEE division by s > 0) and round are monotone, so the two ends decide for all elements."""
-        along = self.spec.axis is not None
-        lo, hi = (t.reshape(self.scale.shape) if along else t for t in (lo, hi))
-        q_lo = torch.round(lo / self.scale) + self.zero_point
-        q_hi = torch.round(hi / self.scale) + self.zero_point
-        return bool((q_lo >= self.spec.qmin).all() and (q_hi <= self.spec.qmax).all())
+        q = torch.round(torch.stack([lo.reshape(self.scale.shape), hi.reshape(self.scale.shape)]) / self.scale) + self.zero_point
+        return torch.equal(q, q.clamp(self.spec.qmin, self.spec.qmax))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (scale, zero_point) the forward uses, detached: a learned scale below SCALE_MIN (zero,
@@ -305,6 +302,23 @@ class _WeightedAct:
             raise FxQuantError(f"act={act!r}: expected one of {list(ACTIVATIONS)}")
         self.act = act
         self.weight_fq = None
+
+    def bind_input(self, input_fq: FakeQuantize | None, bias_spec: QuantSpec | None) -> None:
+        """The fake-quant whose grid the input is on, and the bias spec: the bias is then fake-quantized
+        on the int32 grid s_x * s_w the int8 model stores it on (at 4 bits that grid is coarse enough to
+        matter). Kept out of the module tree (it is another node's module), so not in the state_dict."""
+        self.__dict__["input_fq"], self.__dict__["bias_spec"] = input_fq, bias_spec
+
+    def quant_bias(self, bias: torch.Tensor | None, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """bias on the s_x * s_w grid (STE gradient), when both fake-quants are on; else bias as it is."""
+        input_fq, spec = self.__dict__.get("input_fq"), self.__dict__.get("bias_spec")
+        if bias is None or spec is None or input_fq is None or self.weight_fq is None:
+            return bias
+        if not (input_fq.enabled and self.weight_fq.enabled and input_fq.calibrated):
+            return bias
+        w_scale = self.weight_fq.qparams()[0] if weight_scale is None else weight_scale
+        b_scale = input_fq.qparams()[0] * w_scale
+        return fake_quant(bias, b_scale, torch.zeros_like(b_scale), spec.qmin, spec.qmax, 0 if b_scale.dim() else None)
 
     def quant_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
@@ -348,7 +362,8 @@ class ConvAct2d(_WeightedAct, nn.Conv2d):
         self._init_fused(act)
 
     def forward(self, x):
-        return ACTIVATIONS[self.act](self._conv_forward(x, self.quant_weight(), self.bias))
+        w = self.quant_weight()
+        return ACTIVATIONS[self.act](self._conv_forward(x, w, self.quant_bias(self.bias)))
 
 
 class ConvBnAct2d(ConvAct2d):
@@ -407,12 +422,13 @@ class ConvBnAct2d(ConvAct2d):
         return t.reshape(1, -1, 1, 1)
 
     def forward(self, x):
-        k, b_fold = self._bn_factors()
         batch_stats = self.training and not bool(self.bn_frozen)
         if not self.commutes:
-            return ACTIVATIONS[self.act](self._forward_folded(x, k, b_fold, batch_stats))
+            return ACTIVATIONS[self.act](self._forward_folded(x, *self._bn_factors(), batch_stats))
         y = self._conv_forward(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
         if not batch_stats:
+            k, b_fold = self._bn_factors()
+            b_fold = self.quant_bias(b_fold, self._folded_scale(k) if self.weight_fq is not None else None)
             return ACTIVATIONS[self.act](torch.addcmul(self._per_channel(b_fold), y, self._per_channel(k)))
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
@@ -421,7 +437,7 @@ class ConvBnAct2d(ConvAct2d):
     def _forward_folded(self, x, k, b_fold, batch_stats: bool):
         w_q = self.quant_weight(self.weight * k.reshape(-1, 1, 1, 1))
         if not batch_stats:
-            return self._conv_forward(x, w_q, b_fold)
+            return self._conv_forward(x, w_q, self.quant_bias(b_fold))
         y = self._conv_forward(x, w_q, None) / self._per_channel(torch.where(k == 0, 1.0, k))
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
@@ -435,7 +451,11 @@ class ConvBnAct2d(ConvAct2d):
             return super().lowered(self.weight * k.reshape(-1, 1, 1, 1), b_fold)
         w_int, scale, zero_point, _ = super().lowered()
         w_int = w_int * torch.sign(k).reshape(-1, *[1] * (w_int.dim() - 1)).to(w_int.dtype)
-        return w_int, (scale * k.abs()).clamp(min=SCALE_MIN), zero_point, b_fold.detach()
+        return w_int, self._folded_scale(k), zero_point, b_fold.detach()
+
+    def _folded_scale(self, k: torch.Tensor) -> torch.Tensor:
+        """The folded weight's scales |k| * s' (commuting case), as convert stores them."""
+        return (self.weight_fq.qparams()[0] * k.detach().abs()).clamp(min=SCALE_MIN)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_frozen={bool(self.bn_frozen)}"
@@ -449,7 +469,8 @@ class LinearAct(_WeightedAct, nn.Linear):
         self._init_fused(act)
 
     def forward(self, x):
-        return ACTIVATIONS[self.act](F.linear(x, self.quant_weight(), self.bias))
+        w = self.quant_weight()
+        return ACTIVATIONS[self.act](F.linear(x, w, self.quant_bias(self.bias)))
 
 
 FUSED_CLASSES = {nn.Conv2d: ConvAct2d, nn.Linear: LinearAct}

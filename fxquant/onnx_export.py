@@ -6,8 +6,12 @@ The int8 graph maps one to one onto ONNX QDQ:
     quantize(x, s, zp)       -> QuantizeLinear
     F.conv2d / F.linear      -> Conv / Gemm (or MatMul), between DequantizeLinear and QuantizeLinear
 Every ONNX node is named after the FX node it comes from, so layers line up by name across the
-fake-quant model, the reference int8 model and the file. Ops without a row in CONVERTERS raise an
-FxQuantError naming the node. The file is written atomically: on any failure nothing is left at `path`.
+fake-quant model, the reference int8 model and the file. A call fx kept whole (a leaf module, a
+torch.fx.wrap function) without a row is exported by torch.onnx and inlined (fxquant.onnx_leaf); a node
+that reads no model input and no backend row claims goes in as its value; any other op without a row
+in CONVERTERS raises an FxQuantError naming the node. Python values that follow the batch (x.shape[0])
+become ONNX shape ops, the others constants. The file is written atomically: on any failure nothing is
+left at `path` (with external data, nothing at `path` or `path.data`).
 """
 
 from __future__ import annotations
@@ -473,6 +477,28 @@ def _matmul(e, node):
     return e.op(node, "MatMul", [e.arg(node.args[0]), e.arg(node.args[1])])
 
 
+def _sdpa(e, node):
+    """softmax(q k^T * scale + mask) v, the mask boolean (True: attend), additive, or causal (is_causal)."""
+    q, k, v = node.args[:3]
+    mask, dropout, causal = _arg(node, 3, "attn_mask"), _arg(node, 4, "dropout_p", 0.0), _arg(node, 5, "is_causal", False)
+    scale, gqa = _arg(node, 6, "scale"), _arg(node, 7, "enable_gqa", False)
+    if dropout or gqa:
+        raise FxQuantError(f"export_onnx: node '{node.name}': scaled_dot_product_attention with dropout_p or enable_gqa; not exported")
+    q_shape, k_shape = e.tensor_of(q).shape, e.tensor_of(k).shape
+    scale = scale if scale is not None else 1.0 / float(np.sqrt(q_shape[-1]))
+    perm = list(range(len(k_shape) - 2)) + [len(k_shape) - 1, len(k_shape) - 2]
+    k_t = e.op(node, "Transpose", [e.arg(k)], "k_t", perm=perm)
+    scores = e.op(node, "Mul", [e.op(node, "MatMul", [e.arg(q), k_t], "qk"), e.const(node, np.float32(scale), "scale")], "scores")
+    if causal:  # query i sees keys j <= i (top-left aligned, as torch)
+        mask_value = np.triu(np.full((q_shape[-2], k_shape[-2]), -np.inf, np.float32), 1)
+        scores = e.op(node, "Add", [scores, e.const(node, mask_value, "causal")], "causal_scores")
+    if isinstance(mask, fx.Node) and e.tensor_of(mask).dtype == torch.bool:
+        scores = e.op(node, "Where", [e.arg(mask), scores, e.const(node, np.float32(-np.inf), "neg_inf")], "masked")
+    elif mask is not None:
+        scores = e.op(node, "Add", [scores, e.arg(mask)], "masked")
+    return e.op(node, "MatMul", [e.op(node, "Softmax", [scores], "attn", axis=-1), e.arg(v)])
+
+
 def _einsum(e, node):
     equation, *operands = node.args
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -737,6 +763,7 @@ CONVERTERS = {
     **{k: partial(_unary, "Tanh") for k in (nn.Tanh, torch.tanh, "tanh")},
     **{k: _matmul for k in (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")},
     torch.einsum: _einsum,
+    F.scaled_dot_product_attention: _sdpa,
     **{k: _mean for k in (torch.mean, "mean")},
     "softmax": _softmax,
     **{k: _transpose for k in (torch.swapaxes, "swapaxes")},

@@ -6,7 +6,8 @@ after:   %x_fq     = call_module[x_fq](%x)                    # FakeQuantize(uin
          %conv1_fq = call_module[conv1_fq](%conv1)            # FakeQuantize(uint8), all users read it
 
 A value gets one fake-quant however many quantized consumers read it. An input already on a
-grid (the output of a fake-quant, or of a shared-qparam op such as maxpool) gets none.
+grid (the output of a fake-quant, or of a shared-qparam op such as maxpool) gets none. Each weighted
+module is told its input's fake-quant, so its bias is fake-quantized on the int32 grid s_x * s_w.
 
 A share_inputs node (cat) puts all its inputs on ONE set of qparams: the fake-quants its inputs
 are on become calls of one FakeQuantize module, whose observer sees every input:
@@ -93,4 +94,13 @@ def insert_fake_quant(gm: fx.GraphModule) -> fx.GraphModule:
         if info(node).output is not None:
             fq = _new_fake_quant(gm, node, info(node).output)
             node.replace_all_uses_with(fq, delete_user_cb=lambda user: user is not fq)
+    _bind_inputs(gm)
     return gm
+
+
+def _bind_inputs(gm: fx.GraphModule) -> None:
+    """Each weighted module learns its input's fake-quant (after cat merged any), to put its bias on s_x * s_w."""
+    for node in gm.graph.nodes:
+        if KEY in node.meta and info(node).weight is not None:
+            source = qparams_source(gm, node.args[0])
+            gm.get_submodule(node.target).bind_input(gm.get_submodule(source.target) if source is not None else None, info(node).bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -103,3 +104,11 @@ def test_copy_model_copies_what_passes_change_and_keeps_ties():
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(copy_model(model).a(x), model.a(x))
+
+
+def test_same_top1_accepts_tied_maxima_only():
+    ref = [[1.0, 3.0, 3.0, 0.0], [2.0, 1.0, 0.0, 0.0]]
+    assert coverage.same_top1(ref, [[0.0, 3.0, 3.1, 0.0], [5.0, 1.0, 0.0, 0.0]])  # row 0 picks the other tied class
+    assert not coverage.same_top1(ref, [[3.1, 3.0, 3.0, 0.0], [5.0, 1.0, 0.0, 0.0]])  # class 0 is not a maximum
+    assert coverage.sqnr_db([1.0, 2.0], [1.0, 2.0]) == float("inf")
+    assert coverage.sqnr_db([3.0, 4.0], [3.0, 4.5]) == pytest.approx(10 * math.log10(25 / 0.25))

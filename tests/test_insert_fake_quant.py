@@ -160,6 +160,8 @@ def test_single_conv_fake_quant_matches_the_oracle_by_hand(bias, relu):
 
     x_dq = dequantize(quantize(x, s_x, zp_x, 0, 255, None, "uint8"), s_x, zp_x)
     w_dq = dequantize(quantize(w, s_w, torch.zeros(5), -127, 127, 0, "int8"), s_w, torch.zeros(5), 0)
+    if bias:  # the bias sits on the int32 grid s_x * s_w, as the int8 model stores it
+        b = dequantize(quantize(b, s_x * s_w, torch.zeros(5), -(2**31) + 1, 2**31 - 1, 0, "int32"), s_x * s_w, torch.zeros(5), 0)
     y = F.conv2d(x_dq, w_dq, b, padding=1)
     y = F.relu(y) if relu else y
     expected = dequantize(quantize(y, s_y, zp_y, 0, 255, None, "uint8"), s_y, zp_y)

@@ -19,6 +19,7 @@ import fxquant
 from fxquant import FxQuantError
 from fxquant.check import agreement, ort_session, output_scale, run_onnx
 from fxquant.nn import FakeQuantize
+from fxquant.numerics import dequantize
 
 
 def _ptq(model, image, calib, **kw):
@@ -158,6 +159,32 @@ def test_activation_widths_onnx_cannot_store_are_an_error(residual_cnn, image, c
     with pytest.raises(FxQuantError, match=rf"node 'x_fq' quantizes to \[0, {2**a_bits - 1}\] \({a_bits} bits\).*use a_bits=8 or a_bits=4"):
         fxquant.export_onnx(qm, tmp_path / "a.onnx", image, opset=21)
     assert not (tmp_path / "a.onnx").exists()
+
+
+class OneConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_4_bit_bias_sits_on_the_int32_grid_so_fake_quant_equals_int8(generator):
+    """At 4 bits s_x * s_w is coarse: a float bias would be off the int8 model's grid by a visible
+    fraction of an output step. The fake-quant model puts it on that grid, so the two agree exactly."""
+    model = OneConv().eval()
+    with torch.no_grad():
+        model.conv.bias.uniform_(-1, 1)
+    calib = torch.randn(8, 3, 8, 8, generator=generator)
+    qm = fxquant.quantize(model, (calib,), calib_data=[calib], w_bits=4, a_bits=4, progress=False)
+    int8 = fxquant.convert(qm)
+    x = torch.randn(32, 3, 8, 8, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(qm(x), int8(x))
+    bias_on_grid = dequantize(int8.conv_b_i32, int8.conv_b_scale, int8.conv_b_zp, 0)
+    off_grid = (bias_on_grid - model.conv.bias).abs().max() / qm.conv_fq.qparams()[0]
+    assert off_grid > 0.005  # the grid is coarse enough to matter: a float bias would not match
 
 
 def test_qat_w4a4_converts_within_one_step_of_the_fake_quant_model(residual_cnn, image, generator):

@@ -89,11 +89,14 @@ def test_training_forward_is_bn_of_conv_with_fake_quantized_folded_weight_over_k
 
 
 def test_eval_forward_is_conv_with_fake_quantized_folded_weight_plus_folded_bias(residual_cnn, image, generator):
-    stem = _qat(residual_cnn, image).get_submodule("stem").eval()
+    qm = _qat(residual_cnn, image)
+    stem = qm.get_submodule("stem").eval()
     x = torch.randn(6, 3, 16, 16, generator=generator)
     _, w_fold, b_fold = _fold_by_hand(stem)
-    expected = F.relu(F.conv2d(x, _fq_by_hand(w_fold, stem.weight_fq.spec), b_fold, padding=1))
-    torch.testing.assert_close(stem(x), expected, rtol=1e-4, atol=1e-4)
+    s_b = qm.x_fq.qparams()[0] * w_fold.detach().abs().amax(dim=(1, 2, 3)) / 127  # the int32 grid s_x * s_w_fold
+    b_q = dequantize(quantize(b_fold, s_b, torch.zeros_like(s_b), -(2**31) + 1, 2**31 - 1, 0, "int32"), s_b, torch.zeros_like(s_b), 0)
+    expected = F.relu(F.conv2d(x, _fq_by_hand(w_fold, stem.weight_fq.spec), b_q, padding=1))
+    torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_per_tensor_weights_fold_explicitly_and_match_the_formula(generator):

@@ -256,6 +256,28 @@ def test_attention_onnx_matches_the_reference_at_another_batch(tmp_path):
     assert got.max_steps <= 1 + 1e-4 and got.within_one_step >= 0.999 and got.top1 == 1.0, got
 
 
+class Sdpa(nn.Module):
+    def __init__(self, causal=False, mask=None):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.causal, self.mask = causal, mask
+
+    def forward(self, x):  # (N, L, 8) -> 2 heads of 4
+        q, k, v = self.qkv(x).unflatten(-1, (2, 12)).transpose(1, 2).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"causal": True}, {"mask": _images(5, 5) > 0}, {"mask": _images(5, 5)}],
+                         ids=["plain", "causal", "bool_mask", "additive_mask"])
+def test_scaled_dot_product_attention_is_float_by_rule_and_exports(kwargs, tmp_path):
+    model, x = Sdpa(**kwargs).eval(), _images(2, 5, 8)
+    assert [(o.op, o.rule) for o in fxquant.report(_ptq(model, x)).float_by_rule] == [("scaled_dot_product_attention", "float_math")]
+    fxquant.export_onnx(model, tmp_path / "sdpa.onnx", x)
+    xt = _images(3, 5, 8, seed=9)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(ort_session(tmp_path / "sdpa.onnx"), xt), model(xt).numpy(), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ wrapped functions, batch-dependent sizes
 
 

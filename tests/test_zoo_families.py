@@ -12,7 +12,7 @@ Two checks, in quantization steps and dB:
   ONNX Runtime equals the reference op computed from ONNX Runtime's own inputs within one step;
 - at the output: SQNR of ONNX Runtime against the reference >= 30 dB, or, for a random network that
   amplifies noise (its int8-vs-float SQNR is below 30 dB), at least that int8-vs-float SQNR: the file
-  adds less error than quantization does. Same top-1 on every row.
+  adds less error than quantization does. Same top-1 on every row (any of the reference's tied maxima).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torchvision.models import efficientnet, mobilenetv3, regnet, resnet, swin_t
 
 import fxquant
 from fxquant.check import ort_session, run_onnx
-from fxquant.tools.coverage import layerwise_steps
+from fxquant.tools.coverage import layerwise_steps, same_top1
 
 
 @pytest.fixture(autouse=True)
@@ -156,4 +156,4 @@ def test_family_reaches_onnxruntime_and_agrees_with_reference(family, tmp_path):
     assert steps <= 1, f"{family}: ONNX Runtime's '{where}' is {steps} steps from the reference op on the same inputs"
     bound = min(30.0, sqnr_db(floats, ref))
     assert sqnr_db(ref, got) >= bound, f"{family}: ONNX Runtime vs reference int8 SQNR {sqnr_db(ref, got):.1f} dB < {bound:.1f}"
-    assert (ref.argmax(1) == got.argmax(1)).all()
+    assert same_top1(ref, got)

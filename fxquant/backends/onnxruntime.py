@@ -86,5 +86,6 @@ RULES = (
     Rule("batchnorm", ((nn.BatchNorm2d, nn.BatchNorm1d),), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,
                                 torch.tanh, "tanh"),), FLOAT),
-    Rule("float_math", ((torch.mean, "mean", torch.softmax, "softmax", torch.einsum),), FLOAT),
+    Rule("float_math", ((torch.mean, "mean", torch.softmax, "softmax", torch.einsum, F.scaled_dot_product_attention),),
+         FLOAT),  # ORT's QDQ fusions have no integer einsum, reduce-mean or fused attention
 )
