@@ -34,7 +34,7 @@ from torchvision.ops.stochastic_depth import stochastic_depth
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY
 from fxquant.numerics import dequantize, quantize
-from fxquant.passes.trace_model import ShapeRunner, _all_to_meta, _on_meta, _to_meta, one_thread
+from fxquant.passes.trace_model import ShapeRunner, _all_to_meta, _is_wrapped, _on_meta, one_thread
 
 MIN_OPSET, MAX_OPSET = 13, 21
 ONNX_DTYPES = {
@@ -864,16 +864,12 @@ def _holds_tensor(value) -> bool:
 
 def _is_leaf_call(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A module call, or a function torch.fx.wrap kept whole (not a torch op, which must have a converter)."""
-    from fxquant.passes.trace_model import _is_wrapped
-
     return node.op == "call_module" or (node.op == "call_function" and _is_wrapped(node.target))
 
 
 def _foldable(node: fx.Node, constant: bool) -> bool:
     """A node that reads no model input and no backend row claims: its value goes in the file as a constant.
     Quantize/dequantize stay nodes, so weights stay integer initializers."""
-    from fxquant.meta import KEY
-
     claimed = KEY in node.meta and node.meta[KEY].rule is not None
     return constant and node.target not in (quantize, dequantize) and not claimed
 

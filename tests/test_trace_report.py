@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import fxquant
 from fxquant import FxQuantError

@@ -5,7 +5,14 @@
 One row per model: quantize (PTQ, a few random calibration batches) -> convert -> export_onnx ->
 ONNX Runtime, and how the ONNX output agrees with the reference int8 graph (SQNR in dB, top-1 on
 the batch) and how the reference int8 graph agrees with the float model. A model passes when ONNX
-Runtime runs it with SQNR >= 30 dB against the reference int8 graph and the same top-1 on every row.
+Runtime runs it with SQNR >= 30 dB against the reference int8 graph and the same top-1 on every row
+(where the reference's quantized logits tie at the top, any of the tied classes counts).
+
+`layerwise max steps` is the teacher-forced check (`layerwise_steps`): each layer of the reference
+computed from ONNX Runtime's own inputs against ONNX Runtime's output of it. It does not compound
+through depth, so it tells an exporter bug (> 1 step somewhere) from a network that amplifies the
+one-step rounding differences of two float implementations block after block (output SQNR low,
+every layer within one step).
 
 `--torch-ao` fills the same table for PyTorch's FX quantization (prepare_fx, calibration,
 convert_to_reference_fx, torch.onnx.export; SQNR of ONNX Runtime against that reference model).
@@ -13,13 +20,15 @@ convert_to_reference_fx, torch.onnx.export; SQNR of ONNX Runtime against that re
 Models are built as torchvision builds them (random weights, seeded, eval mode; no weights are
 downloaded). Some random inits lose their signal on the way through (mobilenet, efficientnet: BatchNorm
 statistics of 0 and 1 shrink the activations block after block), so their logits are ~0 and every
-comparison is trivially exact: the `float logits std` column shows it. Re-estimating BatchNorm
-statistics instead makes these random networks chaotic: any two implementations (torch, ONNX Runtime)
-then drift apart block after block, whatever the exporter does.
+comparison is trivially exact: the `float logits std` column shows it (vit's head starts at zero, so
+do its logits); the layerwise column still checks every layer. Re-estimating BatchNorm statistics
+instead makes these random networks chaotic: any two implementations (torch, ONNX Runtime) then drift
+apart block after block, whatever the exporter does.
 
 Each model runs in its own subprocess under a timeout, so a crash, a hang or running out of memory
 is a failed row, not a failed run. Inputs are 64x64 where the architecture allows (fast), 224x224
-where it needs it (vit, swin, maxvit have fixed sizes; vgg/alexnet pool to 7x7/6x6 windows), 75x75
+where it needs it (vit and maxvit have fixed sizes, swin's windows want it; vgg/alexnet's classifiers
+read the 7x7/6x6 maps their features make at 224), 75x75
 for inception_v3 (its minimum). `--readme` rewrites the table between the markers
 <!-- fxquant-coverage:begin --> and <!-- fxquant-coverage:end -->.
 """
@@ -35,7 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 PASS_DB = 30.0
 MARKER = "FXQUANT-COVERAGE-ROW "
