@@ -62,16 +62,28 @@ def matches_names(qualname: str, module: torch.nn.Module, names) -> bool:
     return False
 
 
-def qparams_source(gm: fx.GraphModule, node) -> fx.Node | None:
-    """The FakeQuantize node whose qparams `node`'s value is on, following shared-qparam ops; or None."""
+def qparams_source(gm: fx.GraphModule, node, cache: dict | None = None) -> fx.Node | None:
+    """The FakeQuantize node whose qparams `node`'s value is on, following shared-qparam ops; or None.
+
+    `cache` (node -> answer) makes repeated calls linear on long share chains (densenet's cat of cats);
+    it is only valid while the nodes it holds keep their inputs.
+    """
     from fxquant.nn import FakeQuantize
 
+    cache = {} if cache is None else cache
+    walked, source = [], None
     while isinstance(node, fx.Node):
+        if node in cache:
+            source = cache[node]
+            break
+        walked.append(node)
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantize):
-            return node
+            source = node
+            break
         if KEY not in node.meta or not node.meta[KEY].share:
-            return None
+            break
         node = node.args[0]
         if isinstance(node, (list, tuple)) and node:  # cat: its inputs share one fake-quant
             node = node[0]
-    return None
+    cache.update(dict.fromkeys(walked, source))
+    return source

@@ -12,6 +12,7 @@ keeps the original name (layers line up across stages); excluded modules and fun
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ def _excluded(gm: fx.GraphModule, node: fx.Node, exclude) -> bool:
 
 
 def decompose_ops(gm: fx.GraphModule, *, exclude=()) -> fx.GraphModule:
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")  # module -> nodes calling it
     for node in list(gm.graph.nodes):
         decompose = DECOMPOSITIONS.get(op_key(gm, node))
         if decompose is None or _excluded(gm, node, exclude) or not node.args:
@@ -45,7 +47,9 @@ def decompose_ops(gm: fx.GraphModule, *, exclude=()) -> fx.GraphModule:
             first, target, args = decompose(gm.graph, node, node.args[0])
         info(first).shape, info(first).dtype = info(node).shape, info(node).dtype
         node.op, node.target, node.args, node.kwargs = "call_function", target, args, {}
-        if module is not None and not any(n.op == "call_module" and n.target == module for n in gm.graph.nodes):
-            gm.delete_submodule(module)
+        if module is not None:
+            calls[module] -= 1
+            if calls[module] == 0:  # its last caller is decomposed
+                gm.delete_submodule(module)
     gm.recompile()
     return gm

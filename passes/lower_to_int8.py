@@ -117,7 +117,8 @@ def lower_to_int8(gm: fx.GraphModule) -> fx.GraphModule:
             "GraphModule). Rebuild it with fxquant.quantize(...) and load_state_dict() your checkpoint into it."
         )
     modules = {n: gm.get_submodule(n.target) for n in nodes if n.op == "call_module"}
-    sources = {n: qparams_source(gm, n) for n in nodes}  # value -> the fake-quant node it is on
+    cache = {}
+    sources = {n: qparams_source(gm, n, cache) for n in nodes}  # value -> the fake-quant node it is on
     b = _Builder(gm)
     for node in nodes:
         module = modules.get(node)

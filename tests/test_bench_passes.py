@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 
 import pytest
 import torch
@@ -18,6 +19,21 @@ def test_chain_has_three_ops_per_block():
     assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 7
 
 
+def test_dense_chain_puts_every_cat_of_the_chain_on_one_fake_quant():
+    """Each cat merges its inputs' fake-quants; along a chain of cats the merges compose into one module."""
+    import fxquant
+    from fxquant.nn import FakeQuantize
+
+    qmodel = fxquant.quantize(bench_passes.dense_chain(6), torch.randn(1, 4, 4, 4), progress=False)
+    cats = [n for n in qmodel.graph.nodes if n.target is torch.cat]
+    read = {a.target for n in cats for a in n.args[0]}
+    assert len(cats) == 6 and len(read) == 1 + 1  # the getitem slice (a share op) and one fake-quant
+    fq_names = {name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and "weight" not in name}
+    assert read - {operator.getitem} <= fq_names
+    called = {n.target for n in qmodel.graph.nodes if n.op == "call_module"}
+    assert fq_names <= called  # merged modules were deleted, none left dangling
+
+
 def test_bench_runs_and_judges_each_target():
     result = bench_passes.run(repeats=1, blocks=[10, 100], size=32)
     r = result["resnet50"]
@@ -25,6 +41,7 @@ def test_bench_runs_and_judges_each_target():
     assert result["met"]["resnet50_ratio"] == (r["ratio"] <= bench_passes.TARGETS["resnet50_ratio"])
     assert result["met"]["export_resnet50_s"] == (result["export"]["export_s"] < bench_passes.TARGETS["export_resnet50_s"])
     assert set(result["chains"]) == {10, 100} and "chain_scaling" not in result  # the 1k/10k targets need those sizes
+    assert set(result["dense_chains"]) == {10, 100} and all(s > 0 for s in result["dense_chains"].values())
     text = bench_passes.table(result)
     assert "prepare_qat_fx" in text and "100 conv-bn-relu blocks" in text and "export_onnx" in text
 

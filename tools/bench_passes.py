@@ -6,6 +6,8 @@
    in one process, runs interleaved (fxquant, torch.ao, fxquant, ...); medians.  target: ratio <= 0.5
 2. chains of N conv-bn-relu blocks (4 channels, 4x4): quantize() at each N.
    targets: time(10k) / time(1k) <= 12 (near-linear), time(1k) < 3 s
+   The same for N dense blocks (conv, SiLU, cat onto a slice of the block input): SiLU decomposition
+   and cat's shared qparams over one long chain of cats, reported beside it (no target in the issue).
 3. export_onnx of resnet50's reference int8 graph (calibrated on one batch).  target: < 5 s
 
 Each model is built (and, for torch.ao, copied) outside the timed region; fxquant.quantize copies the
@@ -40,6 +42,20 @@ def chain(blocks: int, channels: int = 4) -> nn.Module:
     return nn.Sequential(*layers).eval()
 
 
+class _DenseBlock(nn.Module):
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(channels, channels // 2, 1), nn.SiLU()
+
+    def forward(self, x):
+        return torch.cat([x[:, : x.shape[1] // 2], self.act(self.conv(x))], 1)
+
+
+def dense_chain(blocks: int, channels: int = 4) -> nn.Module:
+    """`blocks` x (Conv2d, SiLU, cat): every cat's first input comes through the previous cat."""
+    return nn.Sequential(*[_DenseBlock(channels) for _ in range(blocks)]).eval()
+
+
 def _seconds(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -66,11 +82,11 @@ def bench_resnet50(repeats: int, size: int = 224) -> dict:
     return {"fxquant_s": f, "torch_ao_s": t, "ratio": f / t, "fxquant_runs": ours, "torch_ao_runs": theirs}
 
 
-def bench_chains(blocks: list[int], repeats: int) -> dict:
+def bench_chains(blocks: list[int], repeats: int, make=chain) -> dict:
     x = torch.randn(1, 4, 4, 4)
     out = {}
     for n in blocks:
-        model = chain(n)
+        model = make(n)
         out[n] = statistics.median(_seconds(lambda: fxquant.quantize(model, x, progress=False)) for _ in range(repeats))
     return out
 
@@ -89,7 +105,8 @@ def bench_export(repeats: int, size: int = 224) -> dict:
 
 def run(*, repeats: int, blocks: list[int], size: int = 224, export: bool = True) -> dict:
     """Every measurement and, per target, whether it is met."""
-    result = {"resnet50": bench_resnet50(repeats, size), "chains": bench_chains(blocks, max(1, repeats // 2))}
+    result = {"resnet50": bench_resnet50(repeats, size), "chains": bench_chains(blocks, max(1, repeats // 2)),
+              "dense_chains": bench_chains(blocks, 1, dense_chain)}
     if export:
         result["export"] = bench_export(max(1, repeats // 2), size)
     met = {"resnet50_ratio": result["resnet50"]["ratio"] <= TARGETS["resnet50_ratio"]}
@@ -115,6 +132,11 @@ def table(result: dict) -> str:
         lines.append(f"| quantize(), {n} conv-bn-relu blocks | {s:.2f} s | {target} | {result['met'].get('chain_1k_s', '') if n == 1000 else ''} |")
     if "chain_scaling" in result:
         lines.append(f"| time(10k) / time(1k) | {result['chain_scaling']:.1f} | <= {TARGETS['chain_scaling']} | {result['met']['chain_scaling']} |")
+    dense = result.get("dense_chains", {})
+    for n, s in dense.items():
+        lines.append(f"| quantize(), {n} dense blocks (conv, SiLU, cat) | {s:.2f} s | | |")
+    if 1000 in dense and 10000 in dense:
+        lines.append(f"| dense time(10k) / time(1k) | {dense[10000] / dense[1000]:.1f} | | |")
     if "export" in result:
         lines.append(f"| export_onnx(resnet50 int8) | {result['export']['export_s']:.2f} s | < {TARGETS['export_resnet50_s']} s | "
                      f"{result['met']['export_resnet50_s']} |")
