@@ -14,7 +14,9 @@ node whose op type a row names is checked the way that row's kind says.
 
 Every activation QuantizeLinear / DequantizeLinear carries the dtype, zero point and per-tensor scale
 of the activation spec, and a DQ reads back the qparams of the Q it follows. Ops the user kept float
-(exclude=) are listed in the file's metadata and skipped.
+(exclude=) are listed in the file's metadata and skipped, and so are nodes that compute no activation:
+a constant (a bias scale Mul(s_x, s_w)) or no floating-point tensor (the int64 Concat that builds a
+Reshape's shape), typed by ONNX shape inference. An absent zero point is 0 of its type, as ONNX says.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class _Graph:
         for n in self.nodes:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
                 self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+            elif n.op_type == "Mul" and len(n.input) == 2 and all(i in self.consts for i in n.input):
+                self.consts[n.output[0]] = self.consts[n.input[0]] * self.consts[n.input[1]]  # a bias scale s_x * s_w
+        self.types = _elem_types(model)
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers = defaultdict(list)
         for n in self.nodes:
@@ -73,6 +78,14 @@ class _Graph:
     def is_const(self, name: str) -> bool:
         return name in self.consts
 
+    def computes_activation(self, node) -> bool:
+        """False for a node that computes a constant (every input constant) or no floating-point tensor
+        (int64 shape arithmetic: the Concat / Mul / Gather that build a Reshape's or Expand's shape)."""
+        if all(self.is_const(i) for i in node.input if i):
+            return False
+        types = [self.types.get(v) for v in (*node.input, *node.output) if v]
+        return None in types or any(t in FLOAT_TYPES for t in types)
+
     def qparams(self, qdq) -> tuple[np.ndarray, np.ndarray]:
         """(scale, zero point) of a Q or DQ node. An absent zero point is 0, as ONNX says: of the type
         of a DequantizeLinear's constant input, else uint8."""
@@ -81,6 +94,21 @@ class _Graph:
             return scale, self.consts.get(qdq.input[2], np.array(-1))
         x = self.consts.get(qdq.input[0]) if qdq.op_type == DQ else None
         return scale, np.zeros((), x.dtype if x is not None else np.uint8)
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every value ONNX shape inference can type (value_info, inputs, outputs, initializers)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a file shape inference rejects: types of the graph's declared values only
+        inferred = model
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output) if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return {name: t for name, t in types.items() if t}  # 0: undefined
 
 
 def _axis(node) -> int:
@@ -325,7 +353,7 @@ def check_onnx(model, backend=None, *, float_nodes=None) -> list[Violation]:
     for node in g.nodes:
         if node.op_type in (Q, DQ):
             found += [Violation(node.name, None, m) for m in _activation_problems(g, node, specs)]
-        elif node.op_type in rows and node.name.split("/")[0] not in skip and node.name not in skip:
+        elif node.op_type in rows and node.name.split("/")[0] not in skip and node.name not in skip and g.computes_activation(node):
             rule = _row_for(g, rows[node.op_type], node)
             check = KIND_CHECKS.get(rule.kind)
             found += [Violation(node.name, rule.name, m) for m in (check(g, backend, rule, node) if check else [])]

@@ -2,8 +2,9 @@
 
 The int8 graph maps one to one onto ONNX QDQ:
     get_attr w_i8 (int8)     -> an int8 initializer           (weights are never float in the file)
-    dequantize(w_i8, s, zp)  -> DequantizeLinear(axis=0)
-    quantize(x, s, zp)       -> QuantizeLinear
+    dequantize(w_i8, s, zp)  -> DequantizeLinear(axis=0)      (zp left out, ONNX's default 0, for a conv's weight)
+    dequantize(b_i32, s_b)   -> DequantizeLinear(b_i32, Mul(s_x, s_w))  (the bias scale computed, not stored)
+    quantize(x, s, zp)       -> QuantizeLinear                 (zp one shared initializer per value: zero_point_uint8_128)
     F.conv2d / F.linear      -> Conv / Gemm (or MatMul), between DequantizeLinear and QuantizeLinear
 Every ONNX node is named after the FX node it comes from, so layers line up by name across the
 fake-quant model, the reference int8 model and the file. A call fx kept whole (a leaf module, a
@@ -166,10 +167,33 @@ def _integers(e, name: str, t: torch.Tensor, onnx_type: str):
     return e.init(f"{name}/{onnx_type}", (t.round() if t.is_floating_point() else t).numpy().astype(NP_INTEGERS[onnx_type]))
 
 
+def _zero_point(e, zp: fx.Node, onnx_type: str) -> Value:
+    """A zero point initializer. A per-tensor one is named by its value (`zero_point_uint8_128`) and shared
+    by every Q/DQ that uses that value: 8 bytes of name per reference instead of ~50, one tensor per value."""
+    t = e.tensor_of(zp)
+    if t.numel() != 1 or t.dim() != 0:
+        return _integers(e, zp.target, t, onnx_type)
+    value = int(t.round()) if t.is_floating_point() else int(t)
+    return e.init(f"zero_point_{onnx_type}_{value}", np.array(value).astype(NP_INTEGERS[onnx_type]))
+
+
+# ops whose ORT fusion reads an absent weight zero point as 0: DQ -> Conv -> Q becomes QLinearConv either way;
+# DQ -> Gemm / MatMul without the weight's zero point stays float on ORT 1.32 (so those weights keep it)
+ZERO_POINT_OPTIONAL = (F.conv2d,)
+
+
+def _omit_zero_point(node: fx.Node, zp_value: torch.Tensor, onnx_type: str) -> bool:
+    """A zero point of 0 that ONNX's default (0 of the input's type) can stand for, without costing a fusion:
+    an int32 bias's, or a symmetric weight's whose readers are all convs (ZERO_POINT_OPTIONAL)."""
+    if zp_value.any():
+        return False
+    return onnx_type == "int32" or bool(node.users) and all(u.target in ZERO_POINT_OPTIONAL for u in node.users)
+
+
 def _quantize(e, node):
     x, scale, zp, qmin, qmax, axis, dtype = node.args
     onnx_type = _integer_type(e, node, qmin, qmax, dtype, saturating=True)
-    return e.op(node, "QuantizeLinear", [e.arg(x), e.arg(scale), _integers(e, zp.target, e.tensor_of(zp), onnx_type)], axis=axis)
+    return e.op(node, "QuantizeLinear", [e.arg(x), e.arg(scale), _zero_point(e, zp, onnx_type)], axis=axis)
 
 
 def _dequantize(e, node):
@@ -185,10 +209,25 @@ def _dequantize(e, node):
     q_value = e.arg(q)
     if isinstance(q, fx.Node) and q.op == "get_attr" and onnx_type != str(e.tensor_of(q).dtype).split(".")[-1]:
         q_value = _integers(e, q.target, e.tensor_of(q), onnx_type)  # e.g. a 4-bit weight held as int8 in torch
-    zp_value = _integers(e, zp.target, e.tensor_of(zp), onnx_type)
-    if onnx_type == "int32" and not e.tensor_of(zp).any():
-        zp_value = None  # an int32 bias: zero point 0 is ONNX's default, 4 bytes per channel saved (ORT still fuses)
-    return e.op(node, "DequantizeLinear", [q_value, e.arg(scale), zp_value], axis=axis)
+    weight_or_bias = isinstance(q, fx.Node) and q.op == "get_attr"
+    scale_value = _bias_scale(e, node, scale) if onnx_type == "int32" else e.arg(scale)
+    if weight_or_bias and _omit_zero_point(node, e.tensor_of(zp), onnx_type):
+        return e.op(node, "DequantizeLinear", [q_value, scale_value], axis=axis)  # 1 byte (4 for a bias) per channel saved
+    return e.op(node, "DequantizeLinear", [q_value, scale_value, _zero_point(e, zp, onnx_type)], axis=axis)
+
+
+def _bias_scale(e, node: fx.Node, scale: fx.Node) -> Value:
+    """The scale of an int32 bias, s_b = s_x * s_w (passes/lower_to_int8). When the stored vector is that float32
+    product bit for bit, the file computes it, Mul(s_x, s_w) of two scales it holds anyway, instead of storing a
+    third per-channel vector (4 bytes a channel); ORT folds the Mul into a constant when the session loads."""
+    (reader,) = node.users if len(node.users) == 1 else (None,)
+    x, w = reader.args[:2] if reader is not None and reader.target in (F.conv2d, F.linear) else (None, None)
+    if not all(isinstance(a, fx.Node) and a.target is dequantize for a in (x, w)):
+        return e.arg(scale)
+    s_x, s_w = x.args[1], w.args[1]
+    if not torch.equal(e.tensor_of(s_x) * e.tensor_of(s_w), e.tensor_of(scale)):
+        return e.arg(scale)
+    return e.op(node, "Mul", [e.arg(s_x), e.arg(s_w)], "scale")
 
 
 def _conv(e, node, x, w, b, stride=1, padding=0, dilation=1, groups=1):

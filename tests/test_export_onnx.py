@@ -81,9 +81,44 @@ def test_bias_is_int32_with_scale_input_times_weight(exported):
     by_out = {o: n for n in model.graph.node for o in n.output}
     for conv in (n for n in model.graph.node if n.op_type in ("Conv", "Gemm")):
         x_dq, w_dq, b_dq = (by_out[i] for i in conv.input)
-        assert inits[b_dq.input[0]].dtype == np.int32
-        expected = inits[x_dq.input[1]] * inits[w_dq.input[1]]
-        np.testing.assert_allclose(inits[b_dq.input[1]], expected, rtol=1e-6)
+        assert inits[b_dq.input[0]].dtype == np.int32 and len(b_dq.input) == 2  # zero point 0: ONNX's default
+        scale = by_out[b_dq.input[1]]  # s_b = s_x * s_w computed in the file, not stored as a third vector
+        assert scale.op_type == "Mul" and list(scale.input) == [x_dq.input[1], w_dq.input[1]]
+        assert inits[x_dq.input[1]].ndim == 0 and inits[w_dq.input[1]].shape == inits[b_dq.input[0]].shape
+
+
+def test_bias_scale_in_the_file_is_the_reference_graphs_bit_for_bit(quantized, exported):
+    _, _, int8, _ = quantized
+    _, model = exported
+    inits = _inits(model)
+    by_out = {o: n for n in model.graph.node for o in n.output}
+    for name in ("stem", "conv1", "conv2", "fc"):
+        mul = by_out[f"{name}_b_dq/scale"]
+        in_file = inits[mul.input[0]] * inits[mul.input[1]]  # float32 times float32, as ONNX Mul computes it
+        np.testing.assert_array_equal(in_file, getattr(int8, f"{name}_b_scale").numpy())
+
+
+def test_symmetric_conv_weights_leave_out_the_zero_point_linear_weights_keep_it(exported):
+    _, model = exported
+    inits = _inits(model)
+    readers = {i: n.op_type for n in model.graph.node for i in n.input}
+    weight_dqs = {n.name: n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_w_dq")}
+    for name, dq in weight_dqs.items():
+        if readers[dq.output[0]] == "Conv":  # QLinearConv reads an absent zero point as 0
+            assert len(dq.input) == 2, name
+        else:  # ORT 1.32 leaves DQ -> Gemm float without it
+            assert readers[dq.output[0]] == "Gemm" and not inits[dq.input[2]].any(), name
+    assert sum(len(dq.input) == 2 for dq in weight_dqs.values()) == 3
+
+
+def test_per_tensor_zero_points_are_one_initializer_per_value(exported):
+    _, model = exported
+    inits = _inits(model)
+    zps = {n.input[2] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+           and inits[n.input[2]].ndim == 0}
+    values = [(inits[z].dtype, int(inits[z])) for z in zps]
+    assert len(values) == len(set(values))  # no two initializers hold the same zero point
+    assert all(z == f"zero_point_{dtype}_{v}" for z, (dtype, v) in zip(zps, values))
 
 
 def test_default_opset_and_full_check(exported):
@@ -168,6 +203,32 @@ def test_float_model_exports_and_matches_torch(quantized, tmp_path):
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         np.testing.assert_allclose(run_onnx(ort_session(tmp_path / "fp32.onnx"), x), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+BYTES_PER_NODE = 200  # a node's name, its inputs' and output's names, attributes, its scalar qparams (~180 measured)
+
+
+def test_file_is_the_integer_payload_plus_a_bounded_cost_per_node(tmp_path):
+    """Every byte beyond int8 weights, int32 biases and per-channel weight scales is graph structure. A zero point
+    vector per weight (1 byte a channel) or a stored bias scale (4 bytes a channel) would push mobilenet_v2 past it."""
+    import torchvision
+
+    from conftest import randomize_batchnorms
+
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.mobilenet_v2()).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    fxquant.export_onnx(fxquant.quantize(model, x, calib_data=[x], progress=False), tmp_path / "m.onnx", x)
+    onnx_model = onnx.load(tmp_path / "m.onnx")
+    inits = _inits(onnx_model)
+    weight_dqs = [n for n in onnx_model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    weights = [inits[n.input[0]] for n in weight_dqs if inits[n.input[0]].dtype == np.int8]
+    biases = [inits[n.input[0]] for n in weight_dqs if inits[n.input[0]].dtype == np.int32]
+    scales = [inits[n.input[1]] for n in weight_dqs if inits[n.input[0]].dtype == np.int8]
+    assert len(weights) == len(biases) == len(scales) == 53  # 52 convs and the classifier
+    payload = sum(a.nbytes for a in weights + biases + scales)
+    size = os.path.getsize(tmp_path / "m.onnx")
+    assert payload < size <= payload + BYTES_PER_NODE * len(onnx_model.graph.node), (size - payload) / len(onnx_model.graph.node)
 
 
 class Unexportable(nn.Module):

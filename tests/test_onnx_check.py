@@ -131,8 +131,10 @@ def test_a_changed_weight_axis_is_named(files):
 
 def test_a_changed_weight_zero_point_is_named(files):
     model = copy.deepcopy(files["onnxruntime"])
-    zp = _node(model, "conv2_w_dq").input[2]
-    _set_init(model, zp, np.ones_like(_get_init(model, zp)))
+    w_dq = _node(model, "conv2_w_dq")
+    assert len(w_dq.input) == 2  # exported without one: 0, ONNX's default, is what the spec asks
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(8, np.int8), "conv2_w_zp"))
+    w_dq.input.append("conv2_w_zp")
     assert _violating_nodes(model) == {"conv2"}
     assert "the spec is symmetric (zero point 0)" in _messages(model, "conv2")
 
@@ -227,3 +229,49 @@ def test_bad_model_argument_is_named():
 
 def test_violation_reads_as_node_rule_message():
     assert str(Violation("conv1", "conv", "input 0 is not dequantized")) == "node 'conv1' (rule conv): input 0 is not dequantized"
+
+
+# ------------------------------------------------------------------ shape arithmetic is not an activation
+
+
+class ShapeArithmetic(nn.Module):
+    """Shapes that follow the batch: reshape(n, -1) and expand(n * 2 // 2, 3, 5) become int64 Gather, Concat,
+    Mul and Div nodes in the file; the Concat shares its op type with the cat row, the Mul with the mul row."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        n = y.shape[0]
+        out = self.fc(y.reshape(n, -1))
+        return out.reshape(n, 1, 5).expand(n * 2 // 2, 3, 5)
+
+
+@pytest.fixture(scope="module")
+def shapes_file(tmp_path_factory):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    qmodel = fxquant.quantize(ShapeArithmetic().eval(), x, calib_data=[x], progress=False)
+    path = tmp_path_factory.mktemp("shapes") / "shapes.onnx"
+    fxquant.export_onnx(qmodel, path, x)  # the export's own check passes
+    return onnx.load(path)
+
+
+def test_int64_shape_nodes_are_not_read_as_activations(shapes_file):
+    model = shapes_file
+    by_type = {}
+    for n in model.graph.node:
+        by_type.setdefault(n.op_type, []).append(n.name)
+    assert "reshape/shape" in by_type["Concat"] and "mul" in by_type["Mul"]  # int64 nodes of the row op types
+    assert check_onnx(model) == []
+    assert check_onnx(model, float_nodes=()) == []  # not by the name list: by type (mul and expand are unclaimed)
+
+
+def test_a_missing_dequantize_on_a_float_op_is_still_named_beside_shape_nodes(shapes_file):
+    model = copy.deepcopy(shapes_file)
+    fc = _node(model, "fc")
+    fc.input[0] = "reshape"  # the Reshape's float output, its Q/DQ skipped
+    assert _violating_nodes(model) == {"fc", "reshape"}  # the reshape's output now has a float reader besides its Q
+    assert "input 0 is not dequantized" in _messages(model, "fc")
+    assert "the output is not re-quantized" in _messages(model, "reshape")

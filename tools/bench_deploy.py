@@ -15,7 +15,11 @@ and measured on the CPU execution provider:
     fused      Conv/Gemm/MatMul nodes that became integer kernels (QLinearConv, QGemm, QLinearMatMul,
                MatMulInteger...) in ONNX Runtime's optimised graph (level ENABLE_EXTENDED)
     latency    ENABLE_ALL sessions, the variants run interleaved (one run of each per round), each
-               reported as the median over rounds of its time divided by float's time in that round
+               reported as the median over rounds of its time divided by float's time in that round;
+               "fxquant faster than X" needs fxquant to win so many of the paired rounds that two
+               equally fast files would do so with probability < 0.05 (a one-sided sign test)
+    ops        the optimised graph's op types and counts, per variant (in the JSON; the report says
+               where fxquant's and ORT U8S8's are the same)
     size       file bytes, as a fraction of the float file
 `--quick` (resnet18, batch 1, 112x112, 3 rounds) is what the smoke test runs.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -35,6 +40,8 @@ import numpy as np
 import onnx
 import torch
 
+from fxquant.tools.zoo import random_model
+
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
 VARIANTS = ("float", "ort_default", "ort_u8s8", "fxquant")
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
@@ -42,6 +49,7 @@ INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMul
 FLOAT_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 CALIB_BATCHES, CALIB_BATCH = 4, 2
 TARGET_SPEEDUP, TARGET_SIZE = 0.8, 0.27  # int8 <= 0.8x float latency on resnet18 batch 1; file <= 0.27x float
+SIGNIFICANCE = 0.05  # "faster": a tie would win as many paired rounds less often than this
 
 
 @dataclass
@@ -53,25 +61,14 @@ class Result:
     latency_ms: dict = field(default_factory=dict)  # variant -> median ms
     ratio: dict = field(default_factory=dict)  # variant -> median of (variant ms / float ms) per round
     file_ratio: dict = field(default_factory=dict)  # variant -> bytes / float bytes
+    p_tie: dict = field(default_factory=dict)  # variant -> sign-test p of fxquant's paired wins against it (None: too few rounds)
+    ops: dict = field(default_factory=dict)  # variant -> {op type: count} in ORT's optimised graph (ENABLE_EXTENDED)
 
 
 # ------------------------------------------------------------------ building the files
 
 
-def _model(name: str, seed: int = 0) -> torch.nn.Module:
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # default BN statistics make EfficientNet's activations vanish (~1e-13)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-    return model
+_model = random_model  # torchvision model, random init, BatchNorm statistics randomized (fxquant.tools.zoo)
 
 
 def _ort_quantize(float_path: str, out_path: str, calib, *, recommended: bool) -> None:
@@ -112,20 +109,34 @@ def build_files(name: str, size: int, folder: str) -> dict[str, str]:
 # ------------------------------------------------------------------ measuring
 
 
-def fused_fraction(path: str, folder: str) -> float | None:
-    """Integer Conv/Gemm/MatMul kernels / all of them, in ORT's optimised graph; None when there are none."""
+def optimized_ops(path: str, folder: str) -> dict[str, int]:
+    """{op type: count} of ORT's optimised graph (level ENABLE_EXTENDED, where the QDQ fusions run)."""
     from fxquant.check import ort_session
 
     optimized = os.path.join(folder, os.path.basename(path) + ".opt.onnx")
     ort_session(path, optimized_path=optimized, level="extended")
     ops = [n.op_type for n in onnx.load(optimized).graph.node]
     os.unlink(optimized)
-    integer, floating = sum(o in INTEGER_OPS for o in ops), sum(o in FLOAT_OPS for o in ops)
+    return {o: ops.count(o) for o in sorted(set(ops))}
+
+
+def fused_fraction(ops: dict[str, int]) -> float | None:
+    """Integer Conv/Gemm/MatMul kernels / all of them, in an optimised graph's op counts; None when there are none."""
+    integer = sum(n for o, n in ops.items() if o in INTEGER_OPS)
+    floating = sum(n for o, n in ops.items() if o in FLOAT_OPS)
     return integer / (integer + floating) if integer + floating else None
 
 
-def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int) -> tuple[dict, dict]:
-    """(median ms, median ratio to float) per variant, from interleaved rounds."""
+def sign_test(wins: int, rounds: int) -> float | None:
+    """P(at least `wins` of `rounds` paired rounds won) when both are equally fast; None when even winning every
+    round could not reach SIGNIFICANCE (too few rounds to tell)."""
+    if 0.5**rounds >= SIGNIFICANCE:
+        return None
+    return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2**rounds
+
+
+def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int) -> tuple[dict, dict, dict]:
+    """(median ms, median ratio to float, sign-test p of fxquant's wins) per variant, from interleaved rounds."""
     from fxquant.check import ort_session
 
     sessions = {v: ort_session(p, threads=threads, level="all") for v, p in paths.items()}
@@ -140,18 +151,20 @@ def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int
             times[v].append(time.perf_counter() - start)
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     ratio = {v: statistics.median(a / b for a, b in zip(t, times["float"])) for v, t in times.items()}
-    return ms, ratio
+    p_tie = {v: sign_test(sum(a < b for a, b in zip(times["fxquant"], t)), rounds) for v, t in times.items()}
+    return ms, ratio, p_tie
 
 
 def bench_model(name: str, batches, *, size: int, rounds: int, threads: int, folder: str) -> list[Result]:
     paths = build_files(name, size, folder)
-    fused = {v: fused_fraction(p, folder) for v, p in paths.items()}
+    ops = {v: optimized_ops(p, folder) for v, p in paths.items()}
+    fused = {v: fused_fraction(o) for v, o in ops.items()}
     sizes = {v: os.path.getsize(p) / os.path.getsize(paths["float"]) for v, p in paths.items()}
     results = []
     for batch in batches:
         x = np.random.default_rng(3).standard_normal((batch, 3, size, size), dtype=np.float32)
-        ms, ratio = latencies(paths, x, rounds=rounds, threads=threads)
-        results.append(Result(name, batch, size, fused, ms, ratio, sizes))
+        ms, ratio, p_tie = latencies(paths, x, rounds=rounds, threads=threads)
+        results.append(Result(name, batch, size, fused, ms, ratio, sizes, p_tie, ops))
     return results
 
 
@@ -180,16 +193,30 @@ def targets(results: list[Result]) -> dict[str, bool | None]:
     r18 = [r for r in results if r.model == "resnet18" and r.batch == 1]
     return {
         "100% of Conv/Gemm/MatMul fused (fxquant, every model)": all(r.fused["fxquant"] == 1.0 for r in results),
-        "fxquant faster than ORT quantize_static defaults (every row)": all(r.ratio["fxquant"] < r.ratio["ort_default"] for r in results),
-        "fxquant faster than ORT quantize_static U8S8 per-channel (every row)": all(r.ratio["fxquant"] < r.ratio["ort_u8s8"] for r in results),
+        f"fxquant faster than ORT quantize_static defaults (every row, sign test p < {SIGNIFICANCE})": _faster(results, "ort_default"),
+        f"fxquant faster than ORT quantize_static U8S8 per-channel (every row, sign test p < {SIGNIFICANCE})": _faster(results, "ort_u8s8"),
         f"int8 <= {TARGET_SPEEDUP}x float latency (resnet18, batch 1)": r18[0].ratio["fxquant"] <= TARGET_SPEEDUP if r18 else None,
         f"file size <= {TARGET_SIZE}x float (every model)": all(r.file_ratio["fxquant"] <= TARGET_SIZE for r in results),
     }
 
 
+def _faster(results: list[Result], variant: str) -> bool | None:
+    p = [r.p_tie[variant] for r in results]
+    return None if None in p else all(v < SIGNIFICANCE for v in p)
+
+
+def same_graphs(results: list[Result]) -> list[str]:
+    """Models whose fxquant and ORT U8S8 optimised graphs hold the same op types, each as often."""
+    return sorted({r.model for r in results if r.ops["fxquant"] == r.ops["ort_u8s8"]})
+
+
 def _report(results: list[Result]) -> str:
     marks = {True: "met", False: "NOT met", None: "not measured"}
-    return markdown(results) + "\n\n" + "\n".join(f"- {k}: {marks[v]}" for k, v in targets(results).items())
+    lines = [f"- {k}: {marks[v]}" for k, v in targets(results).items()]
+    same = same_graphs(results)
+    if same:
+        lines.append(f"- same optimised op counts as ORT U8S8 (expect a latency tie): {', '.join(same)}")
+    return markdown(results) + "\n\n" + "\n".join(lines)
 
 
 def _parse(argv) -> argparse.Namespace:
