@@ -122,3 +122,40 @@ def test_same_top1_accepts_tied_maxima_only():
     assert not coverage.same_top1(ref, [[3.1, 3.0, 3.0, 0.0], [5.0, 1.0, 0.0, 0.0]])  # class 0 is not a maximum
     assert coverage.sqnr_db([1.0, 2.0], [1.0, 2.0]) == float("inf")
     assert coverage.sqnr_db([3.0, 4.0], [3.0, 4.5]) == pytest.approx(10 * math.log10(25 / 0.25))
+
+
+def _tiny_net():
+    head = torch.nn.Linear(8, 5)
+    torch.nn.init.zeros_(head.weight)  # like vit's head
+    torch.nn.init.zeros_(head.bias)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 8), head).eval()
+
+
+def test_zoo_model_randomizes_batchnorms_and_redraws_zero_heads_only():
+    from fxquant.tools import bench_deploy, zoo
+
+    torch.manual_seed(0)
+    model = _tiny_net()
+    hidden = model[5].weight.clone()
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).std() == 0  # flat logits: what a comparison must not run on
+    g = torch.Generator().manual_seed(1)
+    zoo.randomize_batchnorms(model, g)
+    assert zoo.reinit_zero_linears(model, g) == ["6"]
+    bn = model[1]
+    assert ((bn.running_mean >= -0.1) & (bn.running_mean <= 0.1)).all() and ((bn.running_var >= 0.5) & (bn.running_var <= 1.5)).all()
+    assert ((bn.weight >= 0.75) & (bn.weight <= 1.25)).all() and bn.running_var.std() > 0
+    assert torch.equal(model[5].weight, hidden)  # a non-zero linear is left as it was
+    assert 0.6 < float(model[6].weight.detach().std()) * 8**0.5 < 1.5 and model(x).std() > 0  # N(0, 1/in_features)
+    assert bench_deploy._model is zoo.random_model  # one helper for both tools
+
+
+def test_he_init_draws_at_he_scale():
+    from fxquant.tools import zoo
+
+    conv = torch.nn.Conv2d(64, 256, 3)
+    torch.nn.init.normal_(conv.weight, std=0.1)  # inception_v3's scale, 2.4x He's at this fan-in
+    zoo.he_init(conv, torch.Generator().manual_seed(0))
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.02)
+    assert "inception_v3" in zoo.HE_INIT

@@ -143,6 +143,7 @@ def test_family_reaches_onnxruntime_and_agrees_with_reference(family, tmp_path):
     rep = fxquant.report(qmodel)
     assert {o.op for o in rep.leaves} == LEAVES.get(family, set()), str(rep)
     assert len(rep.quantized) >= len(rep.ops) // 5, str(rep)  # most of the compute is quantized
+    assert not [o for o in rep.float_by_rule if o.op == "einsum"], str(rep)  # maxvit's einsums are matmuls: quantized
     int8 = fxquant.convert(qmodel)
     path = tmp_path / f"{family}.onnx"
     fxquant.export_onnx(int8, path, example)
@@ -157,3 +158,29 @@ def test_family_reaches_onnxruntime_and_agrees_with_reference(family, tmp_path):
     bound = min(30.0, sqnr_db(floats, ref))
     assert sqnr_db(ref, got) >= bound, f"{family}: ONNX Runtime vs reference int8 SQNR {sqnr_db(ref, got):.1f} dB < {bound:.1f}"
     assert same_top1(ref, got)
+
+
+class EinsumAttention(nn.Module):
+    """maxvit's attention einsums (spaces and all), an ellipsis form, and two einsums that are no matmul."""
+
+    def forward(self, q, k, v):
+        attn = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k).softmax(dim=-1)
+        out = torch.einsum("...ij,...jd->...id", attn, v)
+        return out + torch.einsum("bghid,bghid->bghi", q, k).unsqueeze(-1) + torch.einsum("bghid->bghdi", v).mean()
+
+
+def test_einsum_that_is_a_matmul_becomes_a_quantized_matmul():
+    from fxquant.passes import decompose_ops, trace_model
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2, 5, 4, generator=g) for _ in range(3))
+    model = EinsumAttention()
+    gm = decompose_ops(trace_model(model, example_inputs=(q, k, v)))
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.matmul) == 2 and ops.count(torch.transpose) == 1  # k^T for the first, none for the second
+    assert ops.count(torch.functional.einsum) == 2  # a row-wise dot and a permutation are declined
+    torch.testing.assert_close(gm(q, k, v), model(q, k, v))
+
+    qmodel = fxquant.quantize(model, (q, k, v), calib_data=[(q, k, v)], progress=False)
+    rules = {n.name: n.meta["fxquant"].rule for n in qmodel.graph.nodes if "fxquant" in n.meta}
+    assert rules["einsum"] == rules["einsum_1"] == "matmul" and rules["einsum_2"] == "float_math"  # stays float

@@ -18,12 +18,13 @@ every layer within one step).
 convert_to_reference_fx, torch.onnx.export; SQNR of ONNX Runtime against that reference model).
 
 Models are built as torchvision builds them (random weights, seeded, eval mode; no weights are
-downloaded). Some random inits lose their signal on the way through (mobilenet, efficientnet: BatchNorm
-statistics of 0 and 1 shrink the activations block after block), so their logits are ~0 and every
-comparison is trivially exact: the `float logits std` column shows it (vit's head starts at zero, so
-do its logits); the layerwise column still checks every layer. Re-estimating BatchNorm statistics
-instead makes these random networks chaotic: any two implementations (torch, ONNX Runtime) then drift
-apart block after block, whatever the exporter does.
+downloaded), then made non-degenerate by `fxquant.tools.zoo.random_model`, the same helper
+tools/bench_deploy.py uses: torchvision's BatchNorm statistics of 0 and 1 shrink a depthwise net's
+activations block after block (efficientnet's logits varied by ~1e-14, mobilenet's by ~1e-10), so
+every BatchNorm gets seeded random statistics and affine parameters around those defaults; and a
+Linear initialised to zero (vit's head: logits exactly 0) gets seeded normal weights; inception_v3,
+whose init is chaotic (logits ~1e8), is drawn at He's scale (see fxquant.tools.zoo). Otherwise
+"exact" and "same top-1" would compare constants. The `float logits std` column records the spread.
 
 Each model runs in its own subprocess under a timeout, so a crash, a hang or running out of memory
 is a failed row, not a failed run. Inputs are 64x64 where the architecture allows (fast), 224x224
@@ -113,12 +114,11 @@ def _inputs(size: int):
 
 
 def _build(name: str):
-    """The model as torchvision builds it, random weights (seeded), in eval mode."""
-    import torch
-    import torchvision
+    """The model as torchvision builds it, random weights (seeded), eval mode, BatchNorms randomized and
+    a zero-initialised head re-drawn (fxquant.tools.zoo.random_model) so its logits have a spread."""
+    from fxquant.tools.zoo import random_model
 
-    torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    return random_model(name)
 
 
 def layerwise_steps(int8, path: str, x) -> tuple[float, str]:
