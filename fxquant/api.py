@@ -12,7 +12,7 @@ from fxquant.backends import BACKEND_META, load_backend
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
 from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
-from fxquant.pipeline import run_passes
+from fxquant.pipeline import paused_gc, run_passes
 from fxquant.specs import FAKE_QUANTS, OBSERVERS, check_bits
 
 
@@ -42,7 +42,8 @@ def copy_model(model: nn.Module) -> nn.Module:
             new.__dict__["_modules"] = {k: None if v is None else module(v) for k, v in m._modules.items()}
         return memo[id(m)]
 
-    return module(model)
+    with paused_gc():  # a copy makes thousands of objects: see paused_gc
+        return module(model)
 
 
 def _as_inputs(example_inputs, name="example_inputs") -> tuple:
@@ -98,13 +99,14 @@ def quantize(
     so the u8 x s8 kernels of CPUs without VNNI cannot saturate). The backend is recorded in
     `qmodel.meta["fxquant_backend"]`, where export_onnx finds it to check the file against its rules.
 
-    QAT (see fxquant.qat): qat=True keeps each conv's BatchNorm training, folded into the fake-quantized
-    weight (fxquant.nn.ConvBnAct2d; fxquant.freeze_bn stops its statistics). `fake_quant` picks the kind
-    for every fake-quant: "ste" (observer ranges, straight-through gradient), "lsq" (learned scales) or
-    "lsq+" (learned scale and zero point on asymmetric activations, lsq on weights); None keeps the
-    backend's. `observer` ("minmax", "moving_average", "current", "percentile", "mse") sets the
-    activations' observer, and the weights' when it is "current", "percentile" or "mse" (weights are
-    observed afresh each step: per-channel mse costs about 25 passes over the weight when it observes).
+    QAT (see fxquant.qat): qat=True keeps each conv's (and linear's) BatchNorm training, folded into the
+    fake-quantized weight (fxquant.nn.ConvBnAct2d / LinearBnAct; fxquant.freeze_bn stops its statistics).
+    `fake_quant` picks the kind for every fake-quant: "ste" (observer ranges, straight-through gradient),
+    "lsq" (learned scales) or "lsq+" (learned scale and zero point on asymmetric activations, lsq on
+    weights); None keeps the backend's. `observer` ("minmax", "moving_average", "current", "percentile",
+    "mse") sets the activations' observer, and the weights' when it is "current", "percentile" or "mse"
+    (weights are observed afresh each step: per-channel mse costs about 25 passes over the weight when it
+    observes).
     `layer_bits` maps module names (or a parent's) to (w_bits, a_bits): that layer's weight, the
     activations it reads, and its output if nothing quantized reads it, e.g. {"fc": (8, 8)}.
     """
@@ -156,11 +158,14 @@ def _batch_inputs(batch, n_inputs: int, index: int) -> tuple:
 
 
 @torch.no_grad()
-def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, progress: bool = True) -> fx.GraphModule:
+def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, progress: bool = True,
+              bias_correction: bool = False) -> fx.GraphModule:
     """PTQ: observe `calib_data` with fake-quant off, then freeze the ranges and turn fake-quant on.
 
     Each batch is a tensor or a tuple whose first `n_inputs` items are the model's inputs, so a
-    DataLoader yielding (x, y) works as it is.
+    DataLoader yielding (x, y) works as it is. `bias_correction=True` then shifts each layer's bias so
+    its mean output per channel on `calib_data` is the float model's (fxquant.bias_correction; it reads
+    `calib_data` once more per layer, so pass a list or a DataLoader).
     """
     from tqdm.auto import tqdm
 
@@ -179,6 +184,10 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     if missed:
         raise FxQuantError(f"calib_data never reached fake-quant nodes {missed}: feed inputs that exercise every branch")
     set_fake_quant(qmodel, observe=False, enabled=True)
+    if bias_correction:
+        from fxquant.bias_correction import correct_bias
+
+        correct_bias(qmodel, calib_data, n_inputs=n_inputs, progress=progress)
     qmodel.train(was_training)
     return qmodel
 

@@ -207,12 +207,18 @@ class FakeQuantize(nn.Module):
     """Observe (optional) then fake-quantize with the observer's current qparams.
 
     `observe` and `enabled` are plain flags: calibration turns `enabled` off and `observe` on,
-    PTQ inference the reverse, QAT keeps both on.
+    PTQ inference the reverse, QAT keeps both on. Like a BatchNorm's statistics, the ranges of data
+    move only in training mode: in eval mode a fake-quant observes only while calibrating (`enabled` off)
+    or before it has any range, so evaluating a QAT model leaves its activation ranges as training left
+    them. A weight's fake-quant (`of_weight`) observes a parameter, not data: in either mode.
     """
 
-    def __init__(self, spec: QuantSpec, channels: int | None = None):
+    of_weight = False
+
+    def __init__(self, spec: QuantSpec, channels: int | None = None, *, of_weight: bool = False):
         super().__init__()
         self.spec = spec
+        self.of_weight = of_weight
         self.observer = OBSERVER_CLASSES[spec.observer](spec, channels)
         shape = (channels,) if spec.axis is not None else ()
         self._qparam("scale", torch.ones(shape), learnable=self.learnable)
@@ -235,10 +241,14 @@ class FakeQuantize(nn.Module):
     def observing(self) -> bool:
         """Whether the next forward updates the observer and takes the qparams from it.
 
-        A learned scale is taken from the observer while calibrating (fake-quant off) and on the first
-        batch it sees; after that it is learned, whatever `observe` says.
+        With `observe` on: in training mode; in eval mode only for a weight, while calibrating (fake-quant
+        off) or while the observer has seen nothing (a scale of 1 would mean nothing). A learned scale is
+        taken from the observer while calibrating and on the first batch it sees; after that it is
+        learned, whatever `observe` says.
         """
-        return self.observe and not (self.learnable and self.enabled and self.observer.has_data)
+        if not self.observe or (self.learnable and self.enabled and self.observer.has_data):
+            return False
+        return self.training or self.of_weight or not self.enabled or not self.observer.has_data
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         observed = self.observing
@@ -292,10 +302,27 @@ ACTIVATIONS = {None: lambda y: y, "relu": F.relu, "relu6": F.relu6}
 
 
 class _WeightedAct:
-    """Shared by ConvAct2d and LinearAct: an optional fused activation and weight fake-quant."""
+    """Shared by ConvAct2d and LinearAct: an optional fused activation and weight fake-quant.
+
+    forward(x) = act(pre_activation(x)); a subclass gives `_apply_weight(x, w, b)` (conv2d / linear) and
+    `channel_axis`, the output's channel dimension.
+    """
 
     act: str | None
     weight_fq: FakeQuantize | None
+    channel_axis: int
+
+    def forward(self, x):
+        return ACTIVATIONS[self.act](self.pre_activation(x))
+
+    def pre_activation(self, x):
+        """The layer's output before its fused activation: conv / linear with fq(weight) plus the bias."""
+        return self._apply_weight(x, self.quant_weight(), self.quant_bias(self.bias))
+
+    @property
+    def output_bias(self) -> nn.Parameter | None:
+        """The parameter added to every pre-activation output of its channel (None: the layer has none)."""
+        return self.bias
 
     def _init_fused(self, act: str | None):
         if act not in ACTIVATIONS:
@@ -357,26 +384,41 @@ class _WeightedAct:
 class ConvAct2d(_WeightedAct, nn.Conv2d):
     """act(conv2d(x, fq(weight), bias)): conv with folded BN and a fused activation."""
 
+    channel_axis = 1
+
     def __init__(self, *args, act: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_fused(act)
 
-    def forward(self, x):
-        w = self.quant_weight()
-        return ACTIVATIONS[self.act](self._conv_forward(x, w, self.quant_bias(self.bias)))
+    def _apply_weight(self, x, w, b):
+        return self._conv_forward(x, w, b)
 
 
-class ConvBnAct2d(ConvAct2d):
-    """QAT conv-bn(-act): the BN is folded into the fake-quantized weight while its statistics still train.
+class LinearAct(_WeightedAct, nn.Linear):
+    """act(linear(x, fq(weight), bias))."""
+
+    channel_axis = -1
+
+    def __init__(self, *args, act: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fused(act)
+
+    def _apply_weight(self, x, w, b):
+        return F.linear(x, w, b)
+
+
+class _BnFolded:
+    """QAT conv-bn(-act) and linear-bn(-act): the BN is folded into the fake-quantized weight while its
+    statistics still train.
 
     Jacob et al. 2018 (sec. 3.2), Krishnamoorthi 2018 (sec. 3.2); per output channel, with
-    sigma = sqrt(running_var + eps) and b the conv's bias (or 0):
+    sigma = sqrt(running_var + eps) and b the layer's bias (or 0):
         k = gamma / sigma,   w_fold = w * k,   b_fold = (b - running_mean) * k + beta
         eval, or BN frozen:  y = act(conv(x, fq(w_fold)) + b_fold)                   <- what convert lowers
         training:            y = act(bn(conv(x, fq(w_fold)) / k + b))                 bn on batch statistics
                                = act(conv(x, fq(w_fold)) * sigma / sigma_B + beta - gamma * (mu_B - b) / sigma_B)
     so batch statistics normalise (and update running_mean/var, as a BN would) while the fake-quant sees
-    the folded weight the int8 model keeps.
+    the folded weight the int8 model keeps. (Linear: the same with linear for conv, on (N, C) outputs.)
 
     With per-channel symmetric weights (axis 0, qmin = -qmax: every fxquant backend) the fold commutes
     with the fake-quant, fq(w * k) = k * fq'(w), where fq' has scales s / |k|: round half to even is odd
@@ -392,11 +434,9 @@ class ConvBnAct2d(ConvAct2d):
     (`bn_frozen` is a buffer, so a checkpoint keeps it).
     """
 
-    match_as = ConvAct2d  # backend rows written for ConvAct2d claim it
-
     @classmethod
-    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str | None = None):
-        fused = cls.from_float(conv, act)
+    def from_layer_bn(cls, layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, act: str | None = None):
+        fused = cls.from_float(layer, act)
         fused.bn = bn
         fused.register_buffer("bn_frozen", torch.tensor(False))
         return fused
@@ -419,26 +459,36 @@ class ConvBnAct2d(ConvAct2d):
         return spec is None or (spec.axis == 0 and spec.symmetric and spec.qmin == -spec.qmax)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(1, -1, 1, 1)
+        """Per output channel values shaped to broadcast against the output: (1, C, 1, 1) or (1, C)."""
+        return t.reshape(1, -1, *[1] * (self.weight.dim() - 2))
 
-    def forward(self, x):
+    def _per_row(self, t: torch.Tensor) -> torch.Tensor:
+        """Per output channel values shaped to broadcast against the weight: (C, 1, 1, 1) or (C, 1)."""
+        return t.reshape(-1, *[1] * (self.weight.dim() - 1))
+
+    @property
+    def output_bias(self) -> nn.Parameter | None:
+        """beta: in eval and in training it adds to every pre-activation output of its channel."""
+        return self.bn.bias if self.bn.affine else None
+
+    def pre_activation(self, x):
         batch_stats = self.training and not bool(self.bn_frozen)
         if not self.commutes:
-            return ACTIVATIONS[self.act](self._forward_folded(x, *self._bn_factors(), batch_stats))
-        y = self._conv_forward(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
+            return self._forward_folded(x, *self._bn_factors(), batch_stats)
+        y = self._apply_weight(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
         if not batch_stats:
             k, b_fold = self._bn_factors()
             b_fold = self.quant_bias(b_fold, self._folded_scale(k) if self.weight_fq is not None else None)
-            return ACTIVATIONS[self.act](torch.addcmul(self._per_channel(b_fold), y, self._per_channel(k)))
+            return torch.addcmul(self._per_channel(b_fold), y, self._per_channel(k))
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
-        return ACTIVATIONS[self.act](self.bn(y))
+        return self.bn(y)
 
     def _forward_folded(self, x, k, b_fold, batch_stats: bool):
-        w_q = self.quant_weight(self.weight * k.reshape(-1, 1, 1, 1))
+        w_q = self.quant_weight(self.weight * self._per_row(k))
         if not batch_stats:
-            return self._conv_forward(x, w_q, self.quant_bias(b_fold))
-        y = self._conv_forward(x, w_q, None) / self._per_channel(torch.where(k == 0, 1.0, k))
+            return self._apply_weight(x, w_q, self.quant_bias(b_fold))
+        y = self._apply_weight(x, w_q, None) / self._per_channel(torch.where(k == 0, 1.0, k))
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
         return self.bn(y)
@@ -448,9 +498,9 @@ class ConvBnAct2d(ConvAct2d):
         """The folded weight's integers and qparams, and b_fold: what the eval / frozen forward computes."""
         k, b_fold = self._bn_factors()
         if not self.commutes:
-            return super().lowered(self.weight * k.reshape(-1, 1, 1, 1), b_fold)
+            return super().lowered(self.weight * self._per_row(k), b_fold)
         w_int, scale, zero_point, _ = super().lowered()
-        w_int = w_int * torch.sign(k).reshape(-1, *[1] * (w_int.dim() - 1)).to(w_int.dtype)
+        w_int = w_int * torch.sign(self._per_row(k)).to(w_int.dtype)
         return w_int, self._folded_scale(k), zero_point, b_fold.detach()
 
     def _folded_scale(self, k: torch.Tensor) -> torch.Tensor:
@@ -461,19 +511,20 @@ class ConvBnAct2d(ConvAct2d):
         return super().extra_repr() + f", bn_frozen={bool(self.bn_frozen)}"
 
 
-class LinearAct(_WeightedAct, nn.Linear):
-    """act(linear(x, fq(weight), bias))."""
+class ConvBnAct2d(_BnFolded, ConvAct2d):
+    """QAT conv-bn(-act), see _BnFolded."""
 
-    def __init__(self, *args, act: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_fused(act)
+    match_as = ConvAct2d  # backend rows written for ConvAct2d claim it
 
-    def forward(self, x):
-        w = self.quant_weight()
-        return ACTIVATIONS[self.act](F.linear(x, w, self.quant_bias(self.bias)))
+
+class LinearBnAct(_BnFolded, LinearAct):
+    """QAT linear-bn(-act) on (N, C) outputs (BatchNorm1d), see _BnFolded."""
+
+    match_as = LinearAct
 
 
 FUSED_CLASSES = {nn.Conv2d: ConvAct2d, nn.Linear: LinearAct}
+BN_FOLDED_CLASSES = {nn.Conv2d: ConvBnAct2d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
 
 
 def fused_class(mod: nn.Module):

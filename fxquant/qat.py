@@ -25,15 +25,15 @@ from torch import nn
 
 from fxquant.api import fake_quants, set_fake_quant
 from fxquant.errors import FxQuantError
-from fxquant.nn import ConvBnAct2d, FakeQuantize
+from fxquant.nn import FakeQuantize, _BnFolded
 
 
-def _bn_modules(qmodel: nn.Module) -> list[ConvBnAct2d]:
-    return [m for m in qmodel.modules() if isinstance(m, ConvBnAct2d)]
+def _bn_modules(qmodel: nn.Module) -> list[_BnFolded]:
+    return [m for m in qmodel.modules() if isinstance(m, _BnFolded)]
 
 
 def freeze_bn(qmodel: nn.Module) -> int:
-    """Stop the BatchNorm batch statistics of every ConvBnAct2d; returns how many were frozen.
+    """Stop the BatchNorm batch statistics of every ConvBnAct2d / LinearBnAct; returns how many were frozen.
 
     The running mean/variance stay as they are and training continues on the eval-mode formula
     act(conv(x, fq(w_fold)) + b_fold). Raises FxQuantError on a model without any (a PTQ model, or one
@@ -42,7 +42,7 @@ def freeze_bn(qmodel: nn.Module) -> int:
     modules = _bn_modules(qmodel)
     if not modules:
         raise FxQuantError(
-            "freeze_bn: the model has no conv-bn kept for QAT (fxquant.nn.ConvBnAct2d). quantize(..., qat=True) "
+            "freeze_bn: the model has no conv-bn or linear-bn kept for QAT (fxquant.nn.ConvBnAct2d, LinearBnAct). quantize(..., qat=True) "
             "keeps them; otherwise the BatchNorm is already folded into the weights (or there was none)"
         )
     for m in modules:

@@ -10,9 +10,9 @@ A step fuses only when the producer has a single user and its module is called o
     w' = w * gamma / sqrt(var + eps)          (per output channel)
     b' = (b - mean) * gamma / sqrt(var + eps) + beta
 
-qat=True keeps a conv's BN alive for training: %conv1 becomes fxquant.nn.ConvBnAct2d (the conv and the
-BN in one module, the BN folded into the fake-quantized weight on every forward; see its docstring).
-A linear's BatchNorm1d is folded as above in both modes.
+qat=True keeps the BN alive for training: %conv1 becomes fxquant.nn.ConvBnAct2d (the conv and the
+BN in one module, the BN folded into the fake-quantized weight on every forward; see its docstring),
+a linear followed by BatchNorm1d fxquant.nn.LinearBnAct.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.meta import info, op_key, set_module
-from fxquant.nn import ConvBnAct2d, fused_class
+from fxquant.nn import BN_FOLDED_CLASSES, fused_class
 
 BATCHNORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 ACTS = {
@@ -81,8 +81,9 @@ def fuse_modules(gm: fx.GraphModule, *, qat: bool = False) -> fx.GraphModule:
         if found is None or not _is_bn_for(*found, gm.get_submodule(node.target)):
             continue
         src, module = found
-        if qat and isinstance(module, nn.Conv2d):
-            set_module(gm, src.target, ConvBnAct2d.from_conv_bn(module, gm.get_submodule(node.target)))
+        if qat:
+            bn_folded = BN_FOLDED_CLASSES[nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear]
+            set_module(gm, src.target, bn_folded.from_layer_bn(module, gm.get_submodule(node.target)))
         else:
             _fold_bn(module, gm.get_submodule(node.target))
         _bypass(gm, node, src, calls)

@@ -15,7 +15,7 @@ from torch import nn
 import fxquant
 from fxquant import FxQuantError
 from fxquant.check import agreement
-from fxquant.nn import ConvAct2d, ConvBnAct2d, FakeQuantize
+from fxquant.nn import ConvAct2d, ConvBnAct2d, FakeQuantize, LinearAct, LinearBnAct
 from fxquant.numerics import dequantize, quantize
 from fxquant.qat import QATSchedule, freeze_bn, train
 from fxquant.specs import QuantSpec, weight_spec
@@ -104,9 +104,9 @@ def test_per_tensor_weights_fold_explicitly_and_match_the_formula(generator):
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.5, -1.5, 2.0, 0.0]))  # a negative and a zero gamma
         bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.0, 1.5]))
-    m = ConvBnAct2d.from_conv_bn(conv, bn, act="relu")
+    m = ConvBnAct2d.from_layer_bn(conv, bn, act="relu")
     spec = QuantSpec("int8", -127, 127, symmetric=True, axis=None, observer="current")
-    m.weight_fq = FakeQuantize(spec)
+    m.weight_fq = FakeQuantize(spec, of_weight=True)
     assert not m.commutes
     x = torch.randn(5, 3, 8, 8, generator=generator)
     k, w_fold, b_fold = _fold_by_hand(m)
@@ -168,6 +168,95 @@ def test_convert_folds_bn_into_int8_weights_and_int32_bias(residual_cnn, image):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
 
 
+# ---------------------------------------------------------------- linear-bn: the same simulated folding
+
+
+class LinearBnNet(nn.Module):
+    """conv-bn-relu, global pool, linear-BatchNorm1d-relu, linear: (N, 3, 16, 16) -> (N, 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.bn1 = nn.Linear(8, 16), nn.BatchNorm1d(16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1), 1)
+        return self.fc2(F.relu(self.bn1(self.fc1(x))))
+
+
+@pytest.fixture
+def linear_bn_net(randomize_bn):
+    torch.manual_seed(0)
+    return randomize_bn(LinearBnNet()).eval()
+
+
+def test_qat_keeps_linear_bn_as_linear_bn_act_and_ptq_folds(linear_bn_net, image):
+    qat = _qat(linear_bn_net, image)
+    ptq = fxquant.quantize(linear_bn_net, (image,), calib_data=[image], progress=False)
+    fc1 = qat.get_submodule("fc1")
+    assert type(fc1) is LinearBnAct and isinstance(fc1.bn, nn.BatchNorm1d) and fc1.act == "relu"
+    assert fc1.weight_fq is not None  # backend rows written for LinearAct claimed it
+    assert type(ptq.get_submodule("fc1")) is LinearAct and not hasattr(ptq.get_submodule("fc1"), "bn")
+    assert freeze_bn(qat) == 2  # the conv-bn and the linear-bn
+
+
+def test_linear_bn_training_forward_is_bn_of_linear_with_fake_quantized_folded_weight_over_k(linear_bn_net, image, generator):
+    fc1 = _qat(linear_bn_net, image).get_submodule("fc1").train()
+    x = torch.randn(6, 8, generator=generator)
+    ref_bn = nn.BatchNorm1d(16).train()
+    ref_bn.load_state_dict(fc1.bn.state_dict())
+    k = fc1.bn.weight / torch.sqrt(fc1.bn.running_var + fc1.bn.eps)
+    w_fold = fc1.weight * k[:, None]
+    scale = w_fold.detach().abs().amax(dim=1) / 127
+    w_q = dequantize(quantize(w_fold, scale, torch.zeros_like(scale), -127, 127, 0, "int8"), scale, torch.zeros_like(scale), 0)
+    expected = F.relu(ref_bn(F.linear(x, w_q) / k + fc1.bias))
+    torch.testing.assert_close(fc1(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fc1.bn.running_mean, ref_bn.running_mean, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fc1.bn.running_mean, fc1.bn.running_mean.new_zeros(16))
+
+
+def test_linear_bn_convert_matches_the_qat_model_in_eval_mode_within_one_step(linear_bn_net, image, generator):
+    qm = _qat(linear_bn_net, image)
+    _steps(qm, 4, seed=21)  # weights, both BNs' statistics and the ranges move
+    fxquant.set_fake_quant(qm.eval(), observe=False)
+    int8 = fxquant.convert(qm)
+    assert int8.fc1_w_i8.dtype == torch.int8 and int8.fc1_b_i32.dtype == torch.int32
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in int8.modules())
+    x = torch.randn(256, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        got = agreement(qm(x).numpy(), int8(x).numpy(), float(qm.get_submodule("fc2_fq").qparams()[0]))
+    assert got.max_steps <= 1.0 + 1e-4 and got.within_one_step == 1.0, got
+
+
+# ---------------------------------------------------------------- evaluating does not move ranges
+
+
+def test_evaluating_a_qat_model_leaves_its_activation_ranges_as_training_left_them(residual_cnn, image, generator):
+    qm = _qat(residual_cnn, image)
+    _steps(qm, 2, seed=22)  # observers on, as before freeze_observers
+    acts = {n: m for n, m in qm.named_modules() if isinstance(m, FakeQuantize) and not m.of_weight}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)} for n, m in acts.items()}
+    x = torch.randn(8, 3, 16, 16, generator=generator) * 5  # far wider than anything seen
+    with torch.no_grad():
+        qm.eval()(x)
+    for n, m in acts.items():
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before[n].items()), n
+    # a weight's range follows the weight (a parameter, not data): the last SGD step moved it
+    stem = qm.get_submodule("stem")
+    assert torch.equal(stem.weight_fq.observer.max_val, stem.weight.detach().amax(dim=(1, 2, 3)))
+    with torch.no_grad():
+        qm.train()(x)  # the control: training mode observes
+    assert not torch.equal(acts["x_fq"].scale, before["x_fq"]["scale"])
+
+
+def test_calibration_in_eval_mode_still_observes(residual_cnn, image, calib_batches):
+    qm = fxquant.quantize(residual_cnn, (image,), progress=False)  # eval mode, no range yet
+    fxquant.calibrate(qm, calib_batches, progress=False)
+    lo = min(float(x.min()) for x in calib_batches)
+    assert float(qm.x_fq.observer.min_val) == lo  # every batch was seen, in eval mode
+
+
 # ---------------------------------------------------------------- freezing
 
 
@@ -188,7 +277,7 @@ def test_freeze_bn_stops_running_statistics_and_train_equals_eval(residual_cnn, 
 
 def test_freeze_bn_without_bn_to_freeze_is_an_error(residual_cnn, image):
     ptq = fxquant.quantize(residual_cnn, (image,), calib_data=[image], progress=False)
-    with pytest.raises(FxQuantError, match=r"^freeze_bn: the model has no conv-bn kept for QAT"):
+    with pytest.raises(FxQuantError, match=r"^freeze_bn: the model has no conv-bn or linear-bn kept for QAT"):
         freeze_bn(ptq)
     no_bn = fxquant.quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (image,), qat=True, progress=False)
     with pytest.raises(FxQuantError, match=r"^freeze_bn: "):
