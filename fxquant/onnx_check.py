@@ -6,7 +6,8 @@ node whose op type a row names is checked the way that row's kind says.
     quantize      each input the row quantizes comes from a DequantizeLinear; the weight is an int8
                   initializer behind a DequantizeLinear with the weight spec's axis, zero point and
                   range; the bias is int32 with scale s_x * s_w (float where the backend has no BIAS);
-                  output=True: one QuantizeLinear reads the output (through the FOLDED activations);
+                  output=True: one QuantizeLinear reads the output (through the FOLDED activations,
+                  or after the row's onnx_chain: MatMul -> Softmax -> Q, the logits float inside the row);
                   output=False: no Q/DQ pair sits between the op and a FOLDED activation.
     share         DQ -> op -> Q with one scale and zero point on both sides (when the input is quantized)
     share_inputs  every input's DQ and the output's Q on one scale and zero point
@@ -231,8 +232,21 @@ def _check_bias(g: _Graph, backend: Backend, node) -> list[str]:
     return found
 
 
+def _chain(g: _Graph, rule: Rule, node) -> list | None:
+    """The nodes after `node` that the row's onnx_chain names, each the one consumer of the node before
+    it ([] for a row without a chain); None where the graph differs."""
+    found = []
+    for op_type in rule.onnx_chain:
+        users = g.consumers[node.output[0]]
+        if len(users) != 1 or users[0].op_type != op_type or node.output[0] in g.outputs:
+            return None
+        node = users[0]
+        found.append(node)
+    return found
+
+
 def _check_output(g: _Graph, backend: Backend, rule: Rule, node) -> list[str]:
-    end = _end_of_op(g, backend, node)
+    end = (_chain(g, rule, node) or [node])[-1] if rule.onnx_chain else _end_of_op(g, backend, node)
     users = g.consumers[end.output[0]]
     if rule.output:
         if len(users) != 1 or users[0].op_type != Q or end.output[0] in g.outputs:
@@ -298,11 +312,15 @@ def _bias_adds(g: _Graph) -> set[str]:
 
 
 def _row_for(g: _Graph, rows: list[Rule], node) -> Rule:
-    """The row an ONNX node is read by: among rows naming its op type, the one whose weight column fits."""
+    """The row an ONNX node is read by: among rows naming its op type, the one whose weight column fits,
+    then the one with the longest onnx_chain the node's consumers follow (a MatMul -> Softmax is read by
+    the attention row, whose matmul output stays float; a MatMul -> Q by the plain matmul row)."""
     if len(rows) > 1:
         w = g.input_node(node, 1, through=("Transpose",))
         has_weight = w is not None and w.op_type == DQ and g.is_const(w.input[0])
         rows = [r for r in rows if r.weight == has_weight] or rows
+        rows = [r for r in rows if _chain(g, r, node) is not None] or [r for r in rows if not r.onnx_chain] or rows
+        return max(rows, key=lambda r: len(r.onnx_chain))
     return rows[0]
 
 
@@ -349,12 +367,17 @@ def check_onnx(model, backend=None, *, float_nodes=None) -> list[Violation]:
         for op_type in rule.onnx:
             rows[op_type].append(rule)
     specs = [backend.activation] + [r.spec for r in backend.rules if r.spec is not None]
+    read_by = {}  # node name -> the row it is read by
+    for node in g.nodes:
+        if node.op_type in rows and node.name.split("/")[0] not in skip and node.name not in skip and g.computes_activation(node):
+            read_by[node.name] = rule = _row_for(g, rows[node.op_type], node)
+            skip.update(n.name for n in (_chain(g, rule, node) or ()))  # a row's chain: float inside the row
     found = []
     for node in g.nodes:
         if node.op_type in (Q, DQ):
             found += [Violation(node.name, None, m) for m in _activation_problems(g, node, specs)]
-        elif node.op_type in rows and node.name.split("/")[0] not in skip and node.name not in skip and g.computes_activation(node):
-            rule = _row_for(g, rows[node.op_type], node)
+        elif node.name in read_by and node.name not in skip:
+            rule = read_by[node.name]
             check = KIND_CHECKS.get(rule.kind)
             found += [Violation(node.name, rule.name, m) for m in (check(g, backend, rule, node) if check else [])]
     return found

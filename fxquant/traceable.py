@@ -13,11 +13,24 @@ computation written in traceable ops, before tracing:
 The user's model is not modified: the modules on the path to a swapped module are shallow copies.
 A call the stand-in does not cover (masks, causal attention) raises `NotDecomposable` while
 tracing, and trace_model keeps that attention whole (a float leaf) instead.
+
+torchvision's Swin attention (ShiftedWindowAttention, and V2's cosine attention) gets
+`TracedWindowAttention`: windows hold a (wh, ww) patch of tokens, the attention runs per window,
+and the bookkeeping whose sizes depend on the input's H, W stays in small `FloatLeaf` modules
+that trace keeps whole (they run in float and torch.onnx exports them):
+
+    windows = partition(x)                             # FloatLeaf: pad, roll by -shift, (B, nH, nW, wh*ww, C)
+    q, k, v = qkv(windows).chunk(3, dim=-1)            # nn.Linear; V1: 1/sqrt(d) folded into qkv's q rows
+    attn = q @ k^T                                     # per head; V2: normalize(q) @ normalize(k)^T * logit_scale
+    attn = softmax(attn + bias(x), dim=-1)             # FloatLeaf bias: relative position bias + shift mask (-100)
+    out = merge(proj((attn @ v) heads merged), x)      # nn.Linear; FloatLeaf merge: windows back, roll, unpad
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import sys
 
 import torch
 from torch import nn
@@ -77,10 +90,168 @@ class TracedMultiheadAttention(nn.Module):
         return out, attn.mean(dim=1) if average_attn_weights else attn
 
 
+class FloatLeaf(nn.Module):
+    """A stand-in's helper that trace keeps whole: it runs in float and is exported by torch.onnx."""
+
+
+def _window_geometry(size, window, shift) -> tuple[int, int, list[int]]:
+    """(pad_h, pad_w, shift) for an (H, W) input: padded up to whole windows; no shift along an axis one window covers."""
+    pad = [(-size[i]) % window[i] for i in (0, 1)]
+    shift = [0 if window[i] >= size[i] + pad[i] else shift[i] for i in (0, 1)]
+    return pad[0], pad[1], shift
+
+
+class WindowPartition(FloatLeaf):
+    """(B, H, W, C) -> (B, nH, nW, wh*ww, C): pad to whole windows, roll by -shift, cut into windows."""
+
+    def __init__(self, window_size, shift_size):
+        super().__init__()
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+
+    def forward(self, x):
+        (wh, ww), (B, H, W, C) = self.window_size, x.shape
+        pad_h, pad_w, shift = _window_geometry((H, W), self.window_size, self.shift_size)
+        x = nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        x = x.view(B, (H + pad_h) // wh, wh, (W + pad_w) // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+        return x.flatten(3, 4)
+
+
+class WindowMerge(FloatLeaf):
+    """(B, nH, nW, wh*ww, C) and the (B, H, W, C) input -> (B, H, W, C): WindowPartition undone."""
+
+    def __init__(self, window_size, shift_size):
+        super().__init__()
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+
+    def forward(self, windows, x):
+        (wh, ww), (B, H, W, C) = self.window_size, x.shape
+        pad_h, pad_w, shift = _window_geometry((H, W), self.window_size, self.shift_size)
+        out = windows.unflatten(3, (wh, ww)).permute(0, 1, 3, 2, 4, 5).reshape(B, H + pad_h, W + pad_w, windows.shape[-1])
+        if sum(shift) > 0:
+            out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return out[:, :H, :W, :].contiguous()
+
+
+def _region_labels(length: int, window: int, shift: int) -> torch.Tensor:
+    """Which of the three bands of a rolled axis each position came from: [0, -window), [-window, -shift), [-shift, end).
+    With shift 0 the last band is the whole axis (the slice -0: starts at 0), as in the reference."""
+    labels = torch.zeros(length, dtype=torch.int64)
+    for label, (start, stop) in enumerate(((0, -window), (-window, -shift), (-shift, None))):
+        labels[start:stop] = label
+    return labels
+
+
+class WindowAttentionBias(FloatLeaf):
+    """The (nH, nW, heads, N, N) term added to the attention logits: relative position bias, and -100 between
+    tokens of a shifted window that came from different regions of the image (the shift mask).
+
+    V1: bias = table[index] per head; V2: bias = 16 * sigmoid(cpb_mlp(log-spaced coordinates)[index]).
+    """
+
+    def __init__(self, attn: nn.Module, v2: bool):
+        super().__init__()
+        self.window_size, self.shift_size = list(attn.window_size), list(attn.shift_size)
+        self.num_heads, self.v2 = attn.num_heads, v2
+        self.register_buffer("relative_position_index", attn.relative_position_index.clone())
+        if v2:
+            self.cpb_mlp = copy.deepcopy(attn.cpb_mlp)
+            self.register_buffer("relative_coords_table", attn.relative_coords_table.clone())
+        else:
+            self.relative_position_bias_table = nn.Parameter(attn.relative_position_bias_table.detach().clone(),
+                                                             attn.relative_position_bias_table.requires_grad)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        if self.v2:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        else:
+            table = self.relative_position_bias_table
+        n = self.window_size[0] * self.window_size[1]
+        bias = table[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+        return 16 * torch.sigmoid(bias) if self.v2 else bias
+
+    def forward(self, x):
+        (wh, ww), (_, H, W, _) = self.window_size, x.shape
+        pad_h, pad_w, shift = _window_geometry((H, W), self.window_size, self.shift_size)
+        n_h, n_w = (H + pad_h) // wh, (W + pad_w) // ww
+        bias = self.relative_position_bias().to(x.dtype)
+        if sum(shift) == 0:
+            return bias.expand(n_h, n_w, *bias.shape)
+        rows = _region_labels(H + pad_h, wh, shift[0]).to(x.device)
+        cols = _region_labels(W + pad_w, ww, shift[1]).to(x.device)
+        region = (rows[:, None] * 3 + cols[None, :]).view(n_h, wh, n_w, ww).permute(0, 2, 1, 3).flatten(2)  # (nH, nW, N)
+        apart = region[..., :, None] != region[..., None, :]  # (nH, nW, N, N): tokens from different regions
+        mask = torch.where(apart, -100.0, 0.0).to(x.dtype)
+        return bias + mask[:, :, None]
+
+
+class L2Normalize(FloatLeaf):
+    """x / max(||x||, 1e-12) over the last dimension (V2's cosine attention)."""
+
+    def forward(self, x):
+        return nn.functional.normalize(x, dim=-1)
+
+
+class TracedWindowAttention(nn.Module):
+    """torchvision's ShiftedWindowAttention / ShiftedWindowAttentionV2 with qkv and proj as nn.Linear calls."""
+
+    def __init__(self, attn: nn.Module, v2: bool):
+        super().__init__()
+        self.num_heads, self.v2 = attn.num_heads, v2
+        dim = attn.proj.in_features
+        weight, bias = attn.qkv.weight.detach().clone(), None if attn.qkv.bias is None else attn.qkv.bias.detach().clone()
+        with torch.no_grad():
+            if v2 and bias is not None:  # the reference zeroes k's bias on every call (here once: QAT may move it)
+                bias[dim:2 * dim] = 0
+            if not v2:  # softmax((s q) k^T): s = d ** -0.5 folded into qkv's q rows
+                weight[:dim] *= (dim // self.num_heads) ** -0.5
+                if bias is not None:
+                    bias[:dim] *= (dim // self.num_heads) ** -0.5
+        self.qkv = _linear(weight, bias)
+        for mine, theirs in zip(self.qkv.parameters(), attn.qkv.parameters()):
+            mine.requires_grad_(theirs.requires_grad)
+        self.proj = _linear(attn.proj.weight, attn.proj.bias)
+        self.partition = WindowPartition(attn.window_size, attn.shift_size)
+        self.bias = WindowAttentionBias(attn, v2)
+        self.merge = WindowMerge(attn.window_size, attn.shift_size)
+        if v2:
+            self.normalize = L2Normalize()
+            self.logit_scale = nn.Parameter(attn.logit_scale.detach().clone(), attn.logit_scale.requires_grad)
+        self.attention_dropout, self.dropout = nn.Dropout(attn.attention_dropout), nn.Dropout(attn.dropout)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(-3, -2)  # (..., N, C) -> (..., heads, N, d)
+
+    def forward(self, x):
+        windows = self.partition(x)  # (B, nH, nW, N, C)
+        qkv = self.qkv(windows).chunk(3, dim=-1)
+        q, k, v = self._heads(qkv[0]), self._heads(qkv[1]), self._heads(qkv[2])
+        if self.v2:  # cosine attention, its per-head scale at most 100
+            scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            attn = torch.matmul(self.normalize(q), self.normalize(k).transpose(-2, -1)) * scale
+        else:
+            attn = torch.matmul(q, k.transpose(-2, -1))
+        attn = torch.softmax(attn + self.bias(x), dim=-1)
+        out = torch.matmul(self.attention_dropout(attn), v).transpose(-3, -2).flatten(-2)  # (B, nH, nW, N, C)
+        return self.merge(self.dropout(self.proj(out)), x)
+
+
+def _swin_attention(module: nn.Module) -> bool | None:
+    """For torchvision's Swin attention: whether it is V2; None for any other module (torchvision not imported)."""
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    if swin is None:
+        return None
+    return {swin.ShiftedWindowAttention: False, swin.ShiftedWindowAttentionV2: True}.get(type(module))
+
+
 def stand_in(module: nn.Module) -> nn.Module | None:
     """The traceable stand-in for `module`, or None when it has none (or a configuration it does not cover)."""
     if type(module) is nn.MultiheadAttention and module.bias_k is None and not module.add_zero_attn:
         return TracedMultiheadAttention(module)
+    v2 = _swin_attention(module)
+    if v2 is not None:
+        return TracedWindowAttention(module, v2)
     return None
 
 

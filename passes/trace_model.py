@@ -10,7 +10,8 @@ Modules named in `leaf_modules` or `exclude` (qualified names or types) are kept
 call_module node. A trace failure names the module and the source line that broke it; with
 `auto_leaf=True` (what quantize() uses) that submodule is kept whole instead and tracing retried.
 Each kept-whole call carries the reason in meta["fxquant"].leaf, for fxquant.report().
-nn.MultiheadAttention is traced through a stand-in (fxquant.traceable) so its Linear layers quantize.
+nn.MultiheadAttention and torchvision's Swin attention are traced through stand-ins (fxquant.traceable) so
+their Linear layers quantize.
 Shapes come from a ShapeRunner: small tensors run for real, big ones on the meta device (shapes
 only, no arithmetic); code that reads tensor values makes the example inputs run for real.
 """
@@ -26,7 +27,7 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import info, matches_names
-from fxquant.traceable import with_stand_ins
+from fxquant.traceable import FloatLeaf, with_stand_ins
 
 
 class _Tracer(fx.Tracer):
@@ -36,7 +37,8 @@ class _Tracer(fx.Tracer):
         self.path: list[str] = []  # modules being traced; left as it was when tracing fails
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return matches_names(qualname, m, self.leaves) or super().is_leaf_module(m, qualname)
+        leaf = matches_names(qualname, m, self.leaves) or isinstance(m, FloatLeaf)  # a stand-in's float bookkeeping
+        return leaf or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))

@@ -111,3 +111,30 @@ def calib_batches() -> list[torch.Tensor]:
 def calibrated_residual(residual_cnn, image, calib_batches) -> torch.fx.GraphModule:
     """ResidualCNN through fxquant.quantize with PTQ calibration: the fake-quant model."""
     return fxquant.quantize(residual_cnn, (image,), calib_data=calib_batches, progress=False)
+
+
+def assert_onnx_matches_int8(model, int8, path, x, what: str = "model") -> None:
+    """The exported file at `path` against the reference `int8` graph on `x` (a batch size other than the
+    example's): every layer within one step teacher-forced, output SQNR >= 30 dB (or the int8 graph's own
+    SQNR against float, when the random network is noisier than that) and the same top-1."""
+    from fxquant.check import ort_session, run_onnx
+    from fxquant.tools.coverage import layerwise_steps, same_top1, sqnr_db
+
+    with torch.no_grad():
+        ref, floats = int8(x).numpy(), model(x).numpy()
+    got = run_onnx(ort_session(path, threads=1), x)
+    assert floats.std() > 1e-3, "the float model's logits are flat: the comparison would prove nothing"
+    steps, where = layerwise_steps(int8, str(path), x)
+    assert steps <= 1, f"{what}: ONNX Runtime's '{where}' is {steps} steps from the reference op on the same inputs"
+    bound = min(30.0, sqnr_db(floats, ref))
+    assert sqnr_db(ref, got) >= bound, f"{what}: ONNX Runtime vs reference int8 SQNR {sqnr_db(ref, got):.1f} dB < {bound:.1f}"
+    assert same_top1(ref, got)
+
+
+@pytest.fixture
+def one_thread():
+    """Small models: one thread is faster than a pool (and the numbers do not depend on the pool size)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

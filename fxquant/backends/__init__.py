@@ -31,6 +31,10 @@ class Rule:
     onnx: the ONNX op types the chain's first node exports to; `fxquant.onnx_check` reads the
         exported file through this column, so one table drives both placement and checking.
     spec: the activation spec of this row when it differs from the backend's ACTIVATION.
+    onnx_chain: the ONNX op types the chain's later steps export to, in order, for a row whose first
+        node's output stays float inside the chain (attention: MatMul -> Softmax, no Q/DQ between);
+        the checker reads a first node followed by exactly these ops with this row and wants the
+        output QuantizeLinear after the last of them.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Rule:
     check: Callable | None = None
     onnx: tuple[str, ...] = ()
     spec: QuantSpec | None = None
+    onnx_chain: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -52,6 +57,10 @@ class Rule:
             raise FxQuantError(f"rule {self.name!r}: onnx={self.onnx!r}, expected a tuple of ONNX op type names")
         if self.spec is not None and (not isinstance(self.spec, QuantSpec) or self.kind in (SHARE, FLOAT)):
             raise FxQuantError(f"rule {self.name!r}: spec= needs a QuantSpec on a quantize or share_inputs row")
+        if self.onnx_chain and (not isinstance(self.onnx_chain, tuple) or not all(isinstance(t, str) and t for t in self.onnx_chain) or not self.onnx
+                                or len(self.onnx_chain) != len(self.pattern) - 1 or self.kind != QUANTIZE):
+            raise FxQuantError(f"rule {self.name!r}: onnx_chain={self.onnx_chain!r}, expected one ONNX op type per "
+                               f"pattern step after the first ({len(self.pattern) - 1}) on a quantize row with onnx=")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ uint8 per-tensor activations, int8 per-channel symmetric weights, int32 bias (sc
 What ORT's QDQ selectors (level ENABLE_EXTENDED and up) make of each row, checked on ORT 1.32:
     DQ -> Conv/Gemm/MatMul -> Q            QLinearConv / QGemm / QLinearMatMul (MatMulIntegerToFloat
                                            when a float Add of the bias follows a MatMul)
+    DQ, DQ -> MatMul [-> Mul] [-> Add] -> Softmax -> Q   MatMulIntegerToFloat + float Softmax (attention rows:
+                                           no Q/DQ on the logits, so no QLinearSoftmax)
     DQ, DQ -> Add/Mul -> Q                 QLinearAdd / QLinearMul (contrib ops)
     DQ -> Sigmoid/GlobalAveragePool -> Q   QLinearSigmoid / QLinearGlobalAveragePool
     DQ... -> Concat -> Q                   QLinearConcat (fxquant gives every input one scale: a copy)
@@ -41,6 +43,8 @@ RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
 MUL = (operator.mul, torch.mul, "mul")
 SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
+MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
+SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
 
 
 def _pads_zero(module, node) -> bool:
@@ -75,8 +79,17 @@ RULES = (
     Rule("stochastic_depth", ((stochastic_depth,),), SHARE, check=inference_identity),  # identity in eval
     Rule("float_ops", ((nn.Softmax, F.softmax),), FLOAT, onnx=("Softmax",)),
     # model zoo (issue 5): transformers, mobile nets. Ops ORT has no integer kernel for stay float by these rows.
-    Rule("matmul", ((torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"),), QUANTIZE, inputs=(0, 1),
-         onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
+    # attention scores: softmax(q @ k^T [* s] [+ bias]) with the logits float (no Q/DQ before the softmax). The matmul
+    # reads quantized q, k and runs as MatMulIntegerToFloat; a Q/DQ pair on the logits would make DQ -> Softmax -> Q,
+    # which ORT fuses into QLinearSoftmax, one step low on ~1% of the probabilities (vit_b_32: 19 dB vs the reference)
+    Rule("attention_scores", (MATMUL, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",), onnx_chain=("Softmax",)),
+    Rule("attention_scores_bias", (MATMUL, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Add", "Softmax")),  # + relative position bias or additive mask (maxvit)
+    Rule("attention_scores_scaled", (MATMUL, MUL, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Mul", "Softmax")),  # (q @ k^T) * d ** -0.5
+    Rule("attention_scores_scaled_bias", (MATMUL, MUL, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Mul", "Add", "Softmax")),
+    Rule("matmul", (MATMUL,), QUANTIZE, inputs=(0, 1), onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
     Rule("avgpool", ((nn.AvgPool2d, F.avg_pool2d),), QUANTIZE, onnx=("AveragePool",)),  # QLinearAveragePool
     Rule("movement", ((torch.swapaxes, "swapaxes", "unflatten", torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze",
                        "contiguous", operator.getitem),), SHARE),  # moves or picks values: the input's grid
