@@ -8,6 +8,8 @@ implementations of such a model says nothing. `random_model` therefore, after to
     BatchNorm (every _BatchNorm, seeded)   running_mean ~ U(-0.1, 0.1)   running_var ~ U(0.5, 1.5)
                                            weight       ~ U(0.75, 1.25)  bias        ~ U(-0.1, 0.1)
     a Linear whose weight is all zero      weight ~ N(0, 1 / in_features) (seeded), bias 0
+    any other all-zero parameter           ~ N(0, 1) (seeded; ViT's class token, which otherwise
+                                           sits a few quantization steps from 0 in the residual stream)
     HE_INIT models' conv/linear weights     weight ~ N(0, 2 / fan_in) (seeded, He's scale for ReLU nets)
 
 HE_INIT holds inception_v3: torchvision draws every one of its convs from N(0, 0.1^2) whatever the
@@ -51,18 +53,23 @@ def he_init(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 
 @torch.no_grad()
-def reinit_zero_linears(model: nn.Module, generator: torch.Generator) -> list[str]:
-    """Give every Linear whose weight is all zero (ViT's head) seeded N(0, 1/in_features) weights; their names."""
+def redraw_zero_parameters(model: nn.Module, generator: torch.Generator) -> list[str]:
+    """Every all-zero parameter that is not a bias (torchvision: ViT's head weight and class token) drawn
+    afresh, seeded: a Linear's weight from N(0, 1 / in_features), anything else from N(0, 1) (a token on
+    the scale of the patch embeddings). Returns their names."""
     names = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * m.in_features**-0.5)
-            names.append(name)
+    for module_name, m in model.named_modules():
+        for name, p in m.named_parameters(recurse=False):
+            if name == "bias" or p.any():
+                continue
+            scale = m.in_features**-0.5 if isinstance(m, nn.Linear) and name == "weight" else 1.0
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+            names.append(f"{module_name}.{name}" if module_name else name)
     return names
 
 
 def random_model(name: str, seed: int = 0) -> nn.Module:
-    """torchvision model `name`, random init (seeded, eval), BatchNorms randomized, zero heads re-drawn (HE_INIT: He init)."""
+    """torchvision model `name`, random init (seeded, eval), BatchNorms randomized, zero parameters re-drawn (HE_INIT: He init)."""
     import torchvision
 
     torch.manual_seed(seed)
@@ -71,5 +78,5 @@ def random_model(name: str, seed: int = 0) -> nn.Module:
     if name in HE_INIT:
         he_init(model, torch.Generator().manual_seed(seed + 2))
     randomize_batchnorms(model, g)
-    reinit_zero_linears(model, g)
+    redraw_zero_parameters(model, g)
     return model
