@@ -29,6 +29,35 @@ def randomize_batchnorms(model: nn.Module, seed: int = 1) -> nn.Module:
     return model
 
 
+class RootBranch(nn.Module):
+    """The untraceable `if` is in the model's own forward, not in a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            return y
+        return -y
+
+
+class ResidualCatNet(nn.Module):
+    """conv-bn-relu, maxpool, a residual block (relu(conv2(relu(conv1 x)) + x)), two conv heads, cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(2)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head_a, self.head_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn(self.stem(x))))
+        x = F.relu(self.conv2(F.relu(self.conv1(x))) + x)
+        return torch.cat([self.head_a(x), self.head_b(x)], 1)
+
+
 class BasicBlock(nn.Module):
     """torchvision's resnet BasicBlock: one `self.relu` module called at two sites."""
 

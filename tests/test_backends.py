@@ -22,7 +22,7 @@ from fxquant.nn import FakeQuantize
 from fxquant.passes import decompose_ops, trace_model
 from fxquant.specs import QuantSpec
 
-from conftest import randomize_batchnorms
+from conftest import ResidualCatNet, randomize_batchnorms
 
 
 class EveryRow(nn.Module):
@@ -190,21 +190,6 @@ def test_reduce_range_on_a_backend_without_it_is_refused(residual_cnn, image):
 
 
 # ------------------------------------------------------------------ tensorrt
-
-
-class ResidualCatNet(nn.Module):
-    """conv-bn-relu, maxpool, a residual block (relu(conv2(relu(conv1 x)) + x)), two conv heads, cat."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.bn, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(2)
-        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.head_a, self.head_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.bn(self.stem(x))))
-        x = F.relu(self.conv2(F.relu(self.conv1(x))) + x)
-        return torch.cat([self.head_a(x), self.head_b(x)], 1)
 
 
 @pytest.fixture(scope="module")

@@ -15,24 +15,18 @@ from torch import nn
 import fxquant
 from fxquant.onnx_check import Violation, check_onnx
 
-from conftest import randomize_batchnorms
+from conftest import ResidualCatNet, randomize_batchnorms
 
 
-class Net(nn.Module):
+class Net(ResidualCatNet):
     """conv-bn-relu, maxpool, a residual block, two conv heads concatenated, gap, flatten, linear."""
 
     def __init__(self):
         super().__init__()
-        self.stem, self.bn, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(2)
-        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.head_a, self.head_b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
         self.gap, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
 
     def forward(self, x):
-        x = self.pool(F.relu(self.bn(self.stem(x))))
-        x = F.relu(self.conv2(F.relu(self.conv1(x))) + x)
-        y = torch.cat([self.head_a(x), self.head_b(x)], 1)
-        return self.fc(torch.flatten(self.gap(y), 1))
+        return self.fc(torch.flatten(self.gap(super().forward(x)), 1))
 
 
 EXAMPLE = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -14,6 +14,8 @@ from fxquant import FxQuantError
 from fxquant.meta import KEY, info
 from fxquant.passes import trace_model
 
+from conftest import RootBranch
+
 
 class Gate(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace through the `if`."""
@@ -46,20 +48,6 @@ class GatedNet(nn.Module):
 
     def forward(self, x):
         return self.body(self.stem(x))
-
-
-class RootBranch(nn.Module):
-    """The untraceable `if` is in the model's own forward, not in a submodule."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        if y.mean() > 0:
-            return y
-        return -y
 
 
 def _hooked_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple]:

@@ -19,6 +19,8 @@ from fxquant.check import agreement, ort_session, output_scale, run_onnx
 from fxquant.nn import FakeQuantize
 from fxquant.passes import trace_model
 
+from conftest import RootBranch
+
 
 def _line_of(fn, text: str) -> int:
     lines, start = inspect.getsourcelines(fn)
@@ -43,18 +45,6 @@ class GatedNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(self.stem(x)))
-
-
-class RootBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-
-    def forward(self, x):
-        y = self.conv(x)
-        if y.mean() > 0:
-            return y
-        return -y
 
 
 def _images(*shape, seed=0):
