@@ -7,7 +7,7 @@ For each torchvision model (random init, BatchNorm statistics randomized so acti
 vanish; nothing is downloaded) three files are written from one float model and one set of random
 calibration batches:
     float      fxquant.export_onnx of the float model with BatchNorm folded into its convs (what a
-               deployer ships: ONNX Runtime folds it anyway; an unfolded file would be ~1.5% bigger
+               deployer ships: ONNX Runtime folds it anyway; an unfolded file would be bigger
                and flatter every size ratio)
     ort        onnxruntime.quantization: quant_pre_process + quantize_static(QDQ), calibrated on the
                same batches, once with its defaults (S8S8, per-tensor: `ort_default`) and once with
