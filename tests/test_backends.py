@@ -4,6 +4,7 @@ tensorrt rows, shared cat qparams, reduce_range, SiLU decomposition, and contrad
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 
 import numpy as np
@@ -18,11 +19,12 @@ from torch import nn
 import fxquant
 from fxquant.backends import BACKEND_META, FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, check_rules, load_backend
 from fxquant.check import agreement, ort_session, output_scale, run_onnx
+from fxquant.meta import info
 from fxquant.nn import FakeQuantize
 from fxquant.passes import decompose_ops, trace_model
 from fxquant.specs import QuantSpec
 
-from conftest import ResidualCatNet, randomize_batchnorms
+from conftest import ResidualCatNet, assert_onnx_matches_int8, randomize_batchnorms
 
 
 class EveryRow(nn.Module):
@@ -371,3 +373,75 @@ def test_onnxruntime_runs_every_matmul_as_an_integer_kernel(tmp_path):
     ops = _optimized_ops(tmp_path / "tokens.onnx", tmp_path)
     integer = ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] + ops["MatMulInteger"]
     assert integer == 3 and not {"MatMul", "Gemm", "FusedMatMul"} & set(ops), ops
+
+
+# ------------------------------------------------------------------ the residual stream of a pre-norm transformer
+
+
+class PreNorm(nn.Module):
+    """Two pre-norm blocks (x + fc(ln(x))), a final LayerNorm and a head; the second block's residual
+    stream is also read by a Linear (`tap`) and its shape by torch._assert, as torchvision's ViT does."""
+
+    def __init__(self, d=32, post_norm=False):
+        super().__init__()
+        self.ln1, self.fc1, self.ln2, self.fc2 = nn.LayerNorm(d), nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, d)
+        self.ln, self.head, self.drop, self.post_norm = nn.LayerNorm(d), nn.Linear(d, 10), nn.Dropout(0.1), post_norm
+
+    def forward(self, x):
+        torch._assert(x.dim() == 3, "tokens")
+        x = x + self.drop(self.fc1(self.ln1(x)))
+        torch._assert(x.dim() == 3, "tokens")
+        if self.post_norm:  # Swin V2: x + ln(f(x)), f a Linear reading the sum: that sum stays quantized
+            return self.head(x + self.ln2(self.fc2(x)))
+        x = x + self.fc2(self.ln2(x))
+        return self.head(self.ln(x))
+
+
+def _tokens(n=4, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 7, 32, generator=g) * 3 + torch.randn(32, generator=g) for _ in range(n)]
+
+
+def _kinds(gm, target):
+    return [(n.name, info(n).rule, info(n).kind) for n in gm.graph.nodes if n.target is target]
+
+
+def test_a_residual_sum_read_only_by_norms_and_adds_stays_float(tmp_path):
+    torch.manual_seed(0)
+    model, calib = PreNorm().eval(), _tokens()
+    qmodel = fxquant.quantize(model, calib[0], calib_data=calib, progress=False)
+    assert _kinds(qmodel, operator.add) == [("add", "residual_add", FLOAT), ("add_1", "residual_add", FLOAT)]
+    for name in ("ln2", "ln"):  # each LayerNorm reads the exact float sum, no fake-quant between
+        ln = next(n for n in qmodel.graph.nodes if n.target == name)
+        assert ln.args[0].target is operator.add
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "prenorm.onnx"
+    fxquant.export_onnx(int8, path, calib[0])  # the file checker reads the float Adds as float by rule
+    ops = _optimized_ops(path, tmp_path)
+    assert ops["Add"] >= 2 and "QLinearAdd" not in ops
+    assert_onnx_matches_int8(model, int8, path, _tokens(1, seed=9)[0], "pre-norm blocks")
+
+
+def test_a_float_residual_stream_is_closer_to_float_than_a_quantized_one():
+    """The point of the row: with the residual sums quantized (the row removed), every block inherits
+    their rounding; kept float, the int8 model is closer to the float one on held-out tokens."""
+    torch.manual_seed(0)
+    model, calib, x = PreNorm().eval(), _tokens(), _tokens(1, seed=11)[0]
+    ort = load_backend("onnxruntime")
+    without = Backend(ort.name + "-no-residual-row", tuple(r for r in ort.rules if r.name != "residual_add"),
+                      ort.activation, ort.weight, ort.bias, ort.folded)
+    with torch.no_grad():
+        floats = model(x)
+        errors = {}
+        for label, backend in (("float sums", ort), ("quantized sums", without)):
+            int8 = fxquant.convert(fxquant.quantize(model, calib[0], calib_data=calib, backend=backend, progress=False))
+            errors[label] = float((int8(x) - floats).pow(2).mean())
+    assert _kinds(fxquant.quantize(model, calib[0], backend=without, progress=False), operator.add)[0][1] == "add"
+    assert errors["float sums"] < errors["quantized sums"], errors
+
+
+def test_a_residual_sum_an_integer_kernel_reads_stays_quantized():
+    torch.manual_seed(0)
+    calib = _tokens()
+    qmodel = fxquant.quantize(PreNorm(post_norm=True).eval(), calib[0], calib_data=calib, progress=False)
+    assert _kinds(qmodel, operator.add) == [("add", "add", QUANTIZE), ("add_1", "add", QUANTIZE)]

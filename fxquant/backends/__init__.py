@@ -103,6 +103,25 @@ def inference_identity(module, node) -> bool:
     return not args.get("training", True) or args.get("p") == 0.0
 
 
+def read_only_by(node, readers: tuple, through: tuple = ()) -> bool:
+    """Every reader of `node`'s output, looking through the ops in `through` (ops that only move
+    values), is one of `readers` (op keys); readers of its shape alone (dim, size) do not count.
+    False for a value that leaves the graph."""
+    from fxquant.meta import KEY, op_key
+
+    gm, todo = node.graph.owning_module, [node]
+    while todo:
+        for user in todo.pop().users:
+            key = op_key(gm, user)
+            if user.op != "output" and KEY in user.meta and user.meta[KEY].shape is None:
+                continue  # reads no values: x.dim(), x.size(), torch._assert
+            if key in through:
+                todo.append(user)
+            elif key not in readers:
+                return False
+    return True
+
+
 def _name(key) -> str:
     return getattr(key, "__name__", str(key))
 
