@@ -48,8 +48,11 @@ SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
 NORMS = (nn.LayerNorm, F.layer_norm, nn.BatchNorm1d, nn.BatchNorm2d)  # float rows below: ORT has no integer kernel
-MOVES = (nn.Dropout, nn.Identity, stochastic_depth, torch.flatten, "flatten", "view", "reshape", torch.permute,
-         "permute", torch.transpose, "transpose", "contiguous")  # identity in eval, or only move values
+RESHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity)
+TRANSPOSE = (torch.permute, "permute", torch.transpose, "transpose")
+MOVEMENT = (torch.swapaxes, "swapaxes", "unflatten", torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze", "contiguous",
+            operator.getitem)
+MOVES = RESHAPE + TRANSPOSE + MOVEMENT + (stochastic_depth,)  # move or pick values (identity in eval), never compute
 
 
 def _pads_zero(module, node) -> bool:
@@ -88,9 +91,8 @@ RULES = (
     Rule("cat", ((torch.cat, torch.concat),), SHARE_INPUTS, onnx=("Concat",)),  # QLinearConcat: one scale, a copy
     Rule("maxpool", ((nn.MaxPool2d, F.max_pool2d),), SHARE, onnx=("MaxPool",)),  # picks input values: same grid
     Rule("relu", (RELU,), SHARE, onnx=("Relu",)),  # max(x, 0) of on-grid values is on the grid (zero is on it)
-    Rule("reshape", ((torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity),), SHARE,
-         onnx=("Flatten", "Reshape")),
-    Rule("transpose", ((torch.permute, "permute", torch.transpose, "transpose"),), SHARE, onnx=("Transpose",)),
+    Rule("reshape", (RESHAPE,), SHARE, onnx=("Flatten", "Reshape")),
+    Rule("transpose", (TRANSPOSE,), SHARE, onnx=("Transpose",)),
     Rule("stochastic_depth", ((stochastic_depth,),), SHARE, check=inference_identity),  # identity in eval
     Rule("float_ops", ((nn.Softmax, F.softmax),), FLOAT, onnx=("Softmax",)),
     # model zoo (issue 5): transformers, mobile nets. Ops ORT has no integer kernel for stay float by these rows.
@@ -106,8 +108,7 @@ RULES = (
          onnx_chain=("Mul", "Add", "Softmax")),
     Rule("matmul", (MATMUL,), QUANTIZE, inputs=(0, 1), onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
     Rule("avgpool", ((nn.AvgPool2d, F.avg_pool2d),), QUANTIZE, onnx=("AveragePool",)),  # QLinearAveragePool
-    Rule("movement", ((torch.swapaxes, "swapaxes", "unflatten", torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze",
-                       "contiguous", operator.getitem),), SHARE),  # moves or picks values: the input's grid
+    Rule("movement", (MOVEMENT,), SHARE),  # moves or picks values: the input's grid
     Rule("zero_pad", ((F.pad, nn.ZeroPad2d, nn.ConstantPad2d),), SHARE, check=_pads_zero),  # 0 is on every grid
     Rule("upsample_nearest", ((F.interpolate, nn.Upsample),), SHARE, check=_nearest),  # copies input values
     Rule("layer_norm", ((nn.LayerNorm, F.layer_norm),), FLOAT, onnx=("LayerNormalization",)),
