@@ -193,6 +193,9 @@ class L2Normalize(FloatLeaf):
         return nn.functional.normalize(x, dim=-1)
 
 
+FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize)  # a backend row keeps them float
+
+
 class TracedWindowAttention(nn.Module):
     """torchvision's ShiftedWindowAttention / ShiftedWindowAttentionV2 with qkv and proj as nn.Linear calls."""
 

@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, global_pool, inference_identity, read_only_by
 from fxquant.nn import ConvAct2d, LinearAct
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
+from fxquant.traceable import FLOAT_HELPERS
 
 ACTIVATION = activation_spec()  # uint8 per-tensor affine: u8 activations x s8 weights is ORT's fast path
 WEIGHT = weight_spec()  # int8 [-127, 127] per output channel, zero point 0
@@ -115,6 +117,8 @@ RULES = (
     Rule("batchnorm", ((nn.BatchNorm2d, nn.BatchNorm1d),), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,
                                 torch.tanh, "tanh"),), FLOAT),
+    Rule("float_helpers", (FLOAT_HELPERS + (_patch_merging_pad,),), FLOAT),  # Swin's window partition / merge /
+    # attention bias / cosine-attention normalize (fxquant.traceable) and patch-merging pad: shuffles and small float math
     Rule("float_math", ((torch.mean, "mean", torch.softmax, "softmax", torch.einsum, F.scaled_dot_product_attention),),
          FLOAT),  # ORT's QDQ fusions have no integer einsum, reduce-mean or fused attention
 )

@@ -20,11 +20,13 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, global_pool, inference_identity
 from fxquant.nn import ConvAct2d, LinearAct
 from fxquant.specs import QuantSpec, weight_spec
+from fxquant.traceable import FLOAT_HELPERS
 
 ACTIVATION = QuantSpec("int8", -128, 127, symmetric=True)  # scale = amax / 127.5, zero point 0
 WEIGHT = weight_spec()  # int8 [-127, 127] per output channel (axis 0), zero point 0
@@ -50,4 +52,6 @@ RULES = (
     Rule("stochastic_depth", ((stochastic_depth,),), SHARE, check=inference_identity),  # identity in eval
     Rule("pointwise_float", ((nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", operator.mul, torch.mul, "mul",
                               nn.Softmax, F.softmax),), FLOAT, onnx=("Sigmoid", "Mul", "Softmax")),
+    Rule("float_helpers", (FLOAT_HELPERS + (_patch_merging_pad,),), FLOAT),  # Swin's window partition / merge /
+    # attention bias / cosine-attention normalize (fxquant.traceable) and patch-merging pad: shuffles and small float math
 )
