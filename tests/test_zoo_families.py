@@ -129,6 +129,13 @@ def test_family_reaches_onnxruntime_and_agrees_with_reference(family, tmp_path):
     assert {o.op for o in rep.leaves} == LEAVES.get(family, set()), str(rep)
     assert len(rep.quantized) >= len(rep.ops) // 5, str(rep)  # most of the compute is quantized
     assert not [o for o in rep.float_by_rule if o.op == "einsum"], str(rep)  # maxvit's einsums are matmuls: quantized
+    adds = [o.rule for o in rep.ops if o.rule in ("add", "add_relu", "residual_add")]
+    if family == "vit":  # pre-norm: every residual sum is read by LayerNorms and adds only (and x.dim())
+        assert set(adds) == {"residual_add"}, str(rep)
+    if family in ("resnet", "mobilenet_v2"):  # an integer kernel reads each sum: QLinearAdd
+        assert adds and "residual_add" not in adds, str(rep)
+    if family == "swin_v2":  # post-norm x + norm(f(x)): the next block's qkv reads the sum; only the last is float
+        assert adds.count("residual_add") == 1 and "add" in adds, str(rep)
     int8 = fxquant.convert(qmodel)
     path = tmp_path / f"{family}.onnx"
     fxquant.export_onnx(int8, path, example)
