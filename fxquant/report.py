@@ -9,8 +9,10 @@
     no rule (float):
       cumsum         cumsum
 
-An op counts when it is a call that yields a float tensor (shape arithmetic does not) or a leaf; the
-fake-quant modules, and the quantize/dequantize nodes of a converted graph, are fxquant's own.
+An op counts when it is a call that yields a float tensor (shape arithmetic does not) or a leaf and
+reads an activation: math on parameters alone (Swin V2's clamp(logit_scale).exp()) computes a
+constant, no activation to quantize. The fake-quant modules, and the quantize/dequantize nodes of a
+converted graph, are fxquant's own.
 """
 
 from __future__ import annotations
@@ -96,13 +98,23 @@ def _is_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.target not in (quantize, dequantize)
 
 
+def _constants(gm: fx.GraphModule) -> set[fx.Node]:
+    """The calls whose inputs are all parameters, buffers or other such calls (no placeholder upstream)."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op.startswith("call_") and inputs and all(n.op == "get_attr" or n in found for n in inputs):
+            found.add(node)
+    return found
+
+
 def report(gm: fx.GraphModule) -> Report:
     """The Report of a GraphModule made by fxquant (fake-quant from quantize(), or int8 from convert())."""
     if not isinstance(gm, fx.GraphModule) or not any(KEY in n.meta for n in gm.graph.nodes):
         raise FxQuantError("report: expected a GraphModule from fxquant.quantize() or fxquant.convert()")
-    ops = []
+    ops, constants = [], _constants(gm)
     for node in gm.graph.nodes:
-        if _is_op(gm, node):
+        if _is_op(gm, node) and node not in constants:
             meta = node.meta[KEY]
             ops.append(Op(node.name, _op_name(gm, node), meta.rule, meta.kind, meta.leaf))
     return Report(tuple(ops))

@@ -187,6 +187,23 @@ def test_report_sorts_ops_into_quantized_float_by_rule_and_no_rule():
     assert [(o.name, o.kind) for o in lowered.ops] == [(o.name, o.kind) for o in rep.ops]
 
 
+class ScaledByParameter(nn.Module):
+    """Swin V2's logit scale in small: math on a parameter alone, then applied to an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.logit_scale = nn.Conv2d(3, 4, 1), nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), 1) * torch.clamp(self.logit_scale, max=3.0).exp()
+
+
+def test_math_on_parameters_alone_is_no_op_of_the_report():
+    rep = fxquant.report(_ptq(ScaledByParameter(), _images(2, 3, 4, 4)))
+    assert [o.name for o in rep.ops] == ["conv", "cumsum", "mul"]  # clamp and exp compute a constant
+    assert [o.name for o in rep.no_rule] == ["cumsum"]
+
+
 def test_report_rejects_a_plain_module():
     with pytest.raises(FxQuantError, match="report: expected a GraphModule"):
         fxquant.report(Mixed())
