@@ -7,7 +7,7 @@ What ORT's QDQ selectors (level ENABLE_EXTENDED and up) make of each row, checke
     DQ, DQ -> MatMul [-> Mul] [-> Add] -> Softmax -> Q   MatMulIntegerToFloat + float Softmax (attention rows:
                                            no Q/DQ on the logits, so no QLinearSoftmax)
     DQ, DQ -> Add/Mul -> Q                 QLinearAdd / QLinearMul (contrib ops); an Add whose sum only
-                                           LayerNorms and further Adds read (a transformer's residual
+                                           normalizations and further Adds read (a transformer's residual
                                            stream) stays a float Add, no Q on the sum (residual_add)
     DQ -> Sigmoid/GlobalAveragePool -> Q   QLinearSigmoid / QLinearGlobalAveragePool
     DQ... -> Concat -> Q                   QLinearConcat (fxquant gives every input one scale: a copy)
