@@ -49,7 +49,9 @@ MUL = (operator.mul, torch.mul, "mul")
 SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
-NORMS = (nn.LayerNorm, F.layer_norm, nn.BatchNorm1d, nn.BatchNorm2d)  # float rows below: ORT has no integer kernel
+LAYER_NORM = (nn.LayerNorm, F.layer_norm)
+BATCH_NORM = (nn.BatchNorm2d, nn.BatchNorm1d)
+NORMS = LAYER_NORM + BATCH_NORM  # float rows below: ORT has no integer kernel
 RESHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity)
 TRANSPOSE = (torch.permute, "permute", torch.transpose, "transpose")
 MOVEMENT = (torch.swapaxes, "swapaxes", "unflatten", torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze", "contiguous",
@@ -113,8 +115,8 @@ RULES = (
     Rule("movement", (MOVEMENT,), SHARE),  # moves or picks values: the input's grid
     Rule("zero_pad", ((F.pad, nn.ZeroPad2d, nn.ConstantPad2d),), SHARE, check=_pads_zero),  # 0 is on every grid
     Rule("upsample_nearest", ((F.interpolate, nn.Upsample),), SHARE, check=_nearest),  # copies input values
-    Rule("layer_norm", ((nn.LayerNorm, F.layer_norm),), FLOAT, onnx=("LayerNormalization",)),
-    Rule("batchnorm", ((nn.BatchNorm2d, nn.BatchNorm1d),), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
+    Rule("layer_norm", (LAYER_NORM,), FLOAT, onnx=("LayerNormalization",)),
+    Rule("batchnorm", (BATCH_NORM,), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,
                                 torch.tanh, "tanh"),), FLOAT),
     Rule("float_helpers", (FLOAT_HELPERS + (_patch_merging_pad,),), FLOAT),  # Swin's window partition / merge /
