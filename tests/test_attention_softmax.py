@@ -14,7 +14,7 @@ from torch import nn
 import fxquant
 from fxquant.backends import Backend, load_backend
 from fxquant.check import agreement, ort_session, output_scale, run_onnx
-from fxquant.onnx_check import check_onnx
+from fxquant.onnx.check import check_onnx
 
 ATTENTION_ROWS = ("attention_scores", "attention_scores_bias", "attention_scores_scaled", "attention_scores_scaled_bias")
 TOKENS, DIM = 10, 16
