@@ -11,9 +11,10 @@ from torch import fx, nn
 from fxquant.backends import BACKEND_META
 from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
-from fxquant.inputs import as_inputs, batch_inputs
+from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, first_batch, forward_arity, one_row
 from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
 from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.pending import PendingQuantization, not_run_yet
 from fxquant.pipeline import paused_gc, run_passes
 
 
@@ -63,9 +64,15 @@ def prepare_passes(config: QuantConfig | None = None, *, example_inputs, **overr
     ]
 
 
-def quantize(model: nn.Module, example_inputs, config: QuantConfig | None = None, *, calib_data=None,
+def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | None = None, *, calib_data=None,
              progress: bool = True, pass_trace: list | None = None, **overrides) -> fx.GraphModule:
     """Trace, fuse, annotate by the backend's rules and insert fake-quant; calibrate on `calib_data`.
+
+    `example_inputs` (a tensor or a tuple: the model's positional inputs) is only read for shapes. Left
+    out, they are `calib_data`'s first batch (a DataLoader's (x, y) gives x: as many items as the model's
+    forward takes), and with no data at all the passes that need shapes run at the first call of the
+    returned model or fxquant.calibrate(qmodel, data), once (fxquant.pending): the same model, bit for
+    bit, as quantize(model, those_inputs).
 
     The options are one fxquant.QuantConfig (`config`), each field of which may also be given, or
     overridden, as a keyword: quantize(model, x, w_bits=4) is quantize(model, x, QuantConfig(w_bits=4)).
@@ -94,14 +101,29 @@ def quantize(model: nn.Module, example_inputs, config: QuantConfig | None = None
         raise FxQuantError(f"config: expected an fxquant.QuantConfig, got {type(config).__name__}; "
                            "pass options as keywords (w_bits=4) or as config=fxquant.QuantConfig(w_bits=4)")
     config = (config or QuantConfig()).replace(**overrides)
-    rules = config.backend_table()
-    inputs = as_inputs(example_inputs)
+    config.backend_table()  # a table that does not load fails here, not at the first call
+    n_inputs = forward_arity(model, dict(config.concrete_args or ()))
+    if example_inputs is NOT_GIVEN and calib_data is None:
+        build = partial(_prepared, config, pass_trace)
+        return PendingQuantization(copy_model(model).train(config.qat), build, n_inputs, config.qat)
+    if example_inputs is NOT_GIVEN:
+        inputs, calib_data = first_batch(calib_data, n_inputs)
+        recorded = one_row(inputs)  # what export_onnx uses when it is given none: one row of the first batch
+    else:
+        inputs = recorded = as_inputs(example_inputs)
     model = copy_model(model).train(config.qat)
-    qmodel = run_passes(model, prepare_passes(config, example_inputs=inputs), trace=pass_trace)
-    qmodel.meta[BACKEND_META] = rules
+    return _prepared(config, pass_trace, model, inputs, calib_data=calib_data, progress=progress, recorded=recorded)
+
+
+def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs: tuple, *, calib_data=None,
+              progress: bool = True, recorded=None) -> fx.GraphModule:
+    """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
+    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    qmodel.meta[BACKEND_META] = config.backend_table()
     qmodel.meta[CONFIG_META] = config
+    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else recorded
     if calib_data is not None:
-        calibrate(qmodel, calib_data, n_inputs=len(inputs), progress=progress)
+        calibrate(qmodel, calib_data, n_inputs=len(example_inputs), progress=progress)
     if config.qat:
         set_fake_quant(qmodel, observe=True, enabled=True)
         qmodel.train()
@@ -117,9 +139,13 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     DataLoader yielding (x, y) works as it is. `bias_correction=True` then shifts each layer's bias so
     its mean output per channel on `calib_data` is the float model's (fxquant.bias_correction; it reads
     `calib_data` once more per layer, so pass a list or a DataLoader).
+    A model from quantize(model) that has not run yet is built first, its shapes from the first batch.
     """
     from tqdm.auto import tqdm
 
+    if isinstance(qmodel, PendingQuantization):  # quantize(model) with no inputs: the first batch gives them
+        inputs, calib_data = first_batch(calib_data, n_inputs or qmodel.n_inputs)
+        qmodel.materialize(inputs, recorded=one_row(inputs))
     n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
     was_training = qmodel.training
     qmodel.eval()
@@ -145,6 +171,8 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:
     """The reference int8 GraphModule: int8 weights, int32 bias, Q/DQ between ops (ONNX semantics)."""
+    if isinstance(qmodel, PendingQuantization):
+        raise not_run_yet("convert")
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError("convert: expected the fake-quant GraphModule returned by fxquant.quantize()")
     int8 = copy.deepcopy(qmodel).eval()

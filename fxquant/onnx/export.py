@@ -24,7 +24,7 @@ from fxquant.api import convert
 from fxquant.backends import BACKEND_META, load_backend
 from fxquant.config import CONFIG_META
 from fxquant.errors import FxQuantError
-from fxquant.inputs import as_inputs
+from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs
 from fxquant.meta import KEY
 from fxquant.nn import fake_quants
 from fxquant.numerics import dequantize, quantize
@@ -33,6 +33,7 @@ from fxquant.onnx.metadata import stamp
 from fxquant.onnx.save import save, too_big
 from fxquant.onnx.walk import to_onnx
 from fxquant.passes import trace_model
+from fxquant.pending import PendingQuantization, not_run_yet
 
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -40,6 +41,8 @@ MIN_OPSET, MAX_OPSET = 13, 21
 
 def _as_graph(model, example_inputs) -> fx.GraphModule:
     """The int8 graph to export: convert a fake-quant model, trace a float one."""
+    if isinstance(model, PendingQuantization):
+        raise not_run_yet("export_onnx")
     if isinstance(model, fx.GraphModule) and fake_quants(model):
         return convert(model)
     if isinstance(model, fx.GraphModule):
@@ -47,6 +50,17 @@ def _as_graph(model, example_inputs) -> fx.GraphModule:
     if isinstance(model, nn.Module):
         return trace_model(model.eval(), example_inputs=example_inputs, auto_leaf=True)
     raise FxQuantError(f"model: expected an nn.Module or an fxquant GraphModule, got {type(model).__name__}")
+
+
+def _recorded_inputs(model):
+    """The inputs a quantized model recorded (fxquant.inputs.EXAMPLE_META) for an export given none."""
+    if isinstance(model, PendingQuantization):
+        raise not_run_yet("export_onnx")
+    recorded = model.meta.get(EXAMPLE_META) if isinstance(model, fx.GraphModule) else None
+    if recorded is None:
+        raise FxQuantError("export_onnx: example_inputs: this model records none (only fxquant.quantize's models do); "
+                           "pass them: export_onnx(model, path, example_inputs)")
+    return recorded
 
 
 def weight_dequantize_count(model: onnx.ModelProto) -> int:
@@ -72,9 +86,12 @@ def _float_nodes(gm: fx.GraphModule) -> list[str]:
             and KEY in n.meta and (n.meta[KEY].rule is None or n.meta[KEY].kind == "float")]
 
 
-def export_onnx(model, path, example_inputs, *, opset: int = 17, dynamic_batch: bool = True, simplify: bool = False,
+def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynamic_batch: bool = True, simplify: bool = False,
                 check: bool = True, backend=None, external_data: bool | None = None) -> onnx.ModelProto:
     """Write `model` (fake-quant, reference int8, or float) to `path` as ONNX QDQ; returns the ModelProto.
+
+    `example_inputs` give the shapes (the batch dimension stays dynamic); left out, a model from
+    fxquant.quantize uses the ones it recorded (its example inputs, or one row of its first batch).
 
     A quantized model's file records its backend and its QuantConfig (metadata_props, fxquant.onnx.metadata)
     and, with `check=True`, is checked by onnx.checker and by fxquant.onnx.check against that backend's rule
@@ -89,7 +106,7 @@ def export_onnx(model, path, example_inputs, *, opset: int = 17, dynamic_batch: 
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FxQuantError(f"path={path!r}: folder {folder!r} does not exist")
-    inputs = as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs if example_inputs is not NOT_GIVEN else _recorded_inputs(model))
     graph = _as_graph(model, inputs)
     table = backend if backend is not None else graph.meta.get(BACKEND_META)
     table = load_backend(table) if table is not None else None
