@@ -81,8 +81,12 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
     The user's model is not modified. `exclude` names modules (qualified names or types) or
     functions to keep in float. With `qat=True` the result is in train mode with observers on.
     `reduce_range=True` narrows the weights to the backend's REDUCED_WEIGHT_BITS (7 on onnxruntime,
-    so the u8 x s8 kernels of CPUs without VNNI cannot saturate). The backend is recorded in
-    `qmodel.meta["fxquant_backend"]`, where export_onnx finds it to check the file against its rules.
+    depthwise convs included). `target` names where the file will run (the backend's TARGETS; None: its
+    first). onnxruntime's "portable" (the default) is exact on every x86 CPU and ARM: the weights of the
+    integer GEMMs (conv but depthwise, linear) are 7-bit, so the u8 x s8 pair sums of CPUs without VNNI
+    cannot saturate; "vnni" keeps 8-bit weights for CPUs with AVX-VNNI / AVX512-VNNI or ARM dot product
+    (see fxquant.backends.onnxruntime). The backend and its target are recorded in
+    `qmodel.meta["fxquant_backend"]`, where export_onnx finds them to check the file and to stamp it.
 
     QAT (see fxquant.qat): qat=True keeps each conv's (and linear's) BatchNorm training, folded into the
     fake-quantized weight (fxquant.nn.ConvBnAct2d / LinearBnAct; fxquant.freeze_bn stops its statistics).

@@ -64,6 +64,7 @@ class QuantConfig:
     backend       "onnxruntime" or "tensorrt" (or a Backend table)   qat           QAT (train mode, BN kept training)
     w_bits        weight bits, 2..8                                 a_bits        activation bits, 2..8
     reduce_range  weights at the backend's REDUCED_WEIGHT_BITS       layer_bits    {module name: (w_bits, a_bits)}
+    target        where the file runs: one of the backend's TARGETS ("portable", "vnni"); None: its first
     fake_quant    "ste", "lsq", "lsq+" or None (the backend's)       observer      "minmax", "moving_average", ... or None
     exclude       module names / types / functions kept float        leaf_modules  module names / types kept whole
     concrete_args {forward argument: value} fixed while tracing
@@ -77,6 +78,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     reduce_range: bool = False
+    target: str | None = None
     fake_quant: str | None = None
     observer: str | None = None
     layer_bits: tuple | None = None
@@ -101,8 +103,8 @@ class QuantConfig:
             if not isinstance(self.concrete_args, (dict, tuple)):
                 raise FxQuantError(f"concrete_args={self.concrete_args!r}: expected a dict {{forward argument name: value}}")
             set_("concrete_args", tuple(self.concrete_args.items()) if isinstance(self.concrete_args, dict) else self.concrete_args)
-        if self.reduce_range:
-            load_backend(self.backend, reduce_range=True)  # a backend without reduced-range weights says so
+        if self.reduce_range or self.target is not None:  # a backend without reduced-range weights, or that target, says so
+            load_backend(self.backend, reduce_range=self.reduce_range, target=self.target)
 
     def replace(self, **changes) -> QuantConfig:
         """A copy with `changes` applied (validated); an unknown name raises, listing the fields."""
@@ -114,7 +116,7 @@ class QuantConfig:
 
     def backend_table(self) -> Backend:
         """The backend's rule table, checked (reduce_range applied)."""
-        return load_backend(self.backend, reduce_range=self.reduce_range)
+        return load_backend(self.backend, reduce_range=self.reduce_range, target=self.target)
 
     def changed(self) -> dict:
         """The fields that differ from the defaults, in declaration order, as quantize() takes them."""

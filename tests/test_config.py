@@ -45,6 +45,13 @@ def test_repr_is_the_call_that_makes_it_again():
     assert str(config) == "fxquant.quantize(model, example_inputs, " + text[len("fxquant.QuantConfig("):]
 
 
+def test_the_target_is_a_field_and_reaches_the_backend_table():
+    config = QuantConfig(target="vnni")
+    assert repr(config) == "fxquant.QuantConfig(target='vnni')" and eval(repr(config), NAMESPACE) == config
+    assert config.backend_table().target.name == "vnni"
+    assert QuantConfig().backend_table().target.name == "portable"
+
+
 def test_it_is_frozen_and_owns_its_containers():
     bits = {"fc": (8, 8)}
     config = QuantConfig(layer_bits=bits, exclude=["stem"])
@@ -72,6 +79,7 @@ def test_it_is_frozen_and_owns_its_containers():
         (dict(layer_bits={"fc": (8, 1)}), r"^layer_bits\['fc'\] a_bits=1: "),
         (dict(concrete_args=["x"]), r"^concrete_args=\['x'\]: expected a dict"),
         (dict(backend="tensorrt", reduce_range=True), r"^reduce_range=True: backend 'tensorrt' has no reduced-range"),
+        (dict(target="avx"), r"^target='avx': backend 'onnxruntime' deploys to one of \('portable', 'vnni'\)"),
     ],
 )
 def test_a_bad_field_is_named_when_the_config_is_made(kwargs, named):

@@ -5,7 +5,7 @@
 
 Run it before and after a change that must not change what is exported: equal lines, equal files. The
 models: the demo's DigitNet (seeded, untrained) quantized several ways (PTQ, QAT, 4-bit weights at opset 21,
-per-layer bits, an excluded layer, the tensorrt backend, the float model), and one small model per
+per-layer bits, an excluded layer, the tensorrt backend, reduced range, the vnni target, the float model), and one small model per
 torchvision family (fxquant.tools.zoo.FAMILIES), PTQ-calibrated on two seeded batches. Nothing is
 downloaded. `--strip-key K` drops metadata entry K from each file before hashing, to compare a file that
 gained an entry with one written before it existed.
@@ -32,6 +32,7 @@ DEMO_VARIANTS = {  # name: (quantize keywords, export keywords); None: export th
     "demo_exclude": (dict(exclude=["stem"]), dict()),
     "demo_tensorrt": (dict(backend="tensorrt"), dict()),
     "demo_reduce_range": (dict(reduce_range=True), dict()),
+    "demo_vnni": (dict(target="vnni"), dict()),
     "demo_float": (None, dict()),
 }
 
