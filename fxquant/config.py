@@ -10,12 +10,13 @@ The config a model was quantized with is kept in `qmodel.meta["fxquant_config"]`
 written into the ONNX file's metadata (`fxquant.config`, its repr). A field that is not an option of the
 quantized model itself (calibration data, progress bars) is an argument of quantize(), not a field.
 Only the fields that differ from the defaults are printed; module types and functions print as the
-dotted path that imports them (torch.nn.modules.normalization.LayerNorm, operator.add).
+dotted path that imports them (torch.nn.LayerNorm, torch.nn.functional.relu, operator.add).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 
 from fxquant.backends import BACKENDS, Backend, load_backend
@@ -29,9 +30,8 @@ def _python(value) -> str:
     """`value` as Python source: a class or a function by its import path, containers element by element."""
     if isinstance(value, Backend):
         return repr(value.name)  # a shipped table by its name; a custom Backend prints its name only
-    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__") and hasattr(value, "__module__"):
-        module = {"_operator": "operator", "torch._C._nn": "torch._C._nn"}.get(value.__module__, value.__module__)
-        return f"{module}.{value.__qualname__}"
+    if isinstance(value, type) or callable(value) and hasattr(value, "__name__"):
+        return _import_path(value)
     if isinstance(value, tuple):
         return "(" + ", ".join(_python(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     if isinstance(value, list):
@@ -39,6 +39,23 @@ def _python(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_python(k)}: {_python(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def _import_path(obj) -> str:
+    """The dotted path that imports `obj` (torch.add, not its home torch._C._VariableFunctions.add), checked to
+    give `obj` back; its repr when none does (a lambda, a local class)."""
+    module = getattr(obj, "__module__", None) or ""
+    for base in dict.fromkeys(["torch", "torch.nn", "torch.nn.functional", "operator", module]):  # the public paths first
+        for name in dict.fromkeys([getattr(obj, "__qualname__", ""), obj.__name__]):
+            try:
+                found = importlib.import_module(base)
+                for part in name.split("."):
+                    found = getattr(found, part)
+            except (ImportError, AttributeError, ValueError):
+                continue
+            if found is obj:
+                return f"{base}.{name}"
+    return repr(obj)
 
 
 def _check_bool(name: str, value) -> None:
