@@ -108,6 +108,9 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     (data-dependent code) the inputs run for real, and a failure there names the node."""
     was_training = gm.training
     gm.eval()  # recording shapes must not move BatchNorm statistics
+    # nor may a functional batch norm traced in training mode (F.batch_norm(..., self.training, ...) of a QAT
+    # model: the flag is a constant True in the graph), which updates its running statistics in place
+    saved = [(b, b.clone()) for b in gm.buffers()]
     try:
         with one_thread():  # its real calls are on small tensors
             _ShapeRecorder(gm).run(*example_inputs)
@@ -115,6 +118,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         _ShapeRecorder(gm, real=True).run(*example_inputs)
     finally:
         gm.train(was_training)
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def _bind_concrete_args(gm: fx.GraphModule, model: nn.Module, concrete_args) -> None:

@@ -30,7 +30,7 @@ def _conv_attrs(weight_shape, stride, padding, dilation, groups):
     return dict(kernel_shape=k, strides=pair(stride, len(k)), pads=pads, dilations=dilation, group=groups)
 
 
-def _conv(e, node, x, w, b, stride=1, padding=0, dilation=1, groups=1):
+def _conv(e, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
     attrs = _conv_attrs(e.tensor_of(w).shape if isinstance(w, fx.Node) else w.shape, stride, padding, dilation, groups)
     return e.op(node, "Conv", [e.arg(x), e.param(node, w, "weight"), e.param(node, b, "bias")], **attrs)
 

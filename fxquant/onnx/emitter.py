@@ -63,9 +63,11 @@ class Emitter:
         return out
 
     def arg(self, a):
-        """An FX argument as Value / Python constant (recursing into lists and tuples)."""
+        """An FX argument as Value / Python constant (recursing into lists, tuples and dicts)."""
         if isinstance(a, fx.Node):
             return self.names[a]
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
         return a

@@ -21,7 +21,7 @@ from fxquant.errors import FxQuantError
 from fxquant.onnx.emitter import Value, call_arg
 
 
-def _flatten(e, node, start_dim=1, end_dim=-1):
+def _flatten(e, node, start_dim=0, end_dim=-1):  # torch.flatten / x.flatten start at 0 (nn.Flatten passes its 1)
     rank = len(e.tensor_of(node.args[0]).shape)
     start, end = start_dim % rank, end_dim % rank
     if start == 1 and end == rank - 1:

@@ -1,0 +1,211 @@
+"""Issue 14: the kinds of real user models that broke, each closed by its right behaviour.
+
+Each test builds the smallest model of its kind, runs quantize -> convert -> export_onnx and checks the
+file against the reference int8 graph (conftest's helpers: every layer within one step, on this CPU and
+the emulated ones) or the FxQuantError that names the cause.
+"""
+
+from collections import namedtuple
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant.check import ort_session
+
+from conftest import assert_file_matches_int8
+
+
+def _x(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _ort(path, *inputs):
+    session = ort_session(path)
+    names = [i.name for i in session.get_inputs()]
+    outs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})
+    return {o.name: v for o, v in zip(session.get_outputs(), outs)}
+
+
+# ---------------------------------------------------------------- kind 2: output pytrees
+
+Pair = namedtuple("Pair", ["boxes", "scores"])
+
+
+class DictHead(nn.Module):
+    """torchvision's segmentation / detection models return dicts; nested containers and None entries too."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.out = nn.Conv2d(4, 2, 1)
+        self.aux = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.body(x))
+        return {"out": self.out(y), "aux": [self.aux(y), None, Pair(y, y.flatten(1).sum(-1, keepdim=True))]}
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_dict_and_nested_outputs_export_named_after_their_keys(tmp_path, dynamic_batch):
+    model, x = DictHead().eval(), _x(4, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], progress=False)
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "dict.onnx"
+    fxquant.export_onnx(qmodel, path, x[:2], dynamic_batch=dynamic_batch)
+    names = [o.name for o in onnx.load(path).graph.output]
+    assert names == ["out", "aux.0", "aux.2.boxes", "aux.2.scores"]
+    x2 = x[:2] if not dynamic_batch else _x(3, 3, 8, 8, seed=1)
+    got = _ort(path, x2)
+    with torch.no_grad():
+        ref = int8(x2)
+    step = float(int8.out_fq_scale)
+    assert np.abs(got["out"] - ref["out"].numpy()).max() <= step * (1 + 1e-4)
+    assert np.abs(got["aux.0"] - ref["aux"][0].numpy()).max() <= float(int8.aux_fq_scale) * (1 + 1e-4)
+    assert np.allclose(got["aux.2.scores"], ref["aux"][2].scores.numpy(), rtol=1e-4, atol=1e-3)
+    assert ref["aux"][1] is None
+
+
+def test_an_output_key_that_names_a_node_keeps_the_graph_valid(tmp_path):
+    class KeyIsNodeName(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"conv": self.conv(x), "relu": self.conv(x).relu()}
+
+    model, x = KeyIsNodeName().eval(), _x(2, 3, 4, 4)
+    qmodel = fxquant.quantize(model, calib_data=[x], progress=False)
+    proto = fxquant.export_onnx(qmodel, tmp_path / "k.onnx")  # onnx.checker (run by export) rejects a name given twice
+    assert [o.name for o in proto.graph.output] == ["conv", "relu"]
+    got = _ort(tmp_path / "k.onnx", x)
+    with torch.no_grad():
+        ref = fxquant.convert(qmodel)(x)
+    assert np.abs(got["relu"] - ref["relu"].numpy()).max() <= float(qmodel.conv_fq.qparams()[0]) * (1 + 1e-4)
+
+
+# ---------------------------------------------------------------- kind 3: functional layers
+
+class FunctionalConv(nn.Module):
+    """A custom conv that calls F.conv2d on its own parameters (keywords), then a BN+act module that
+    calls F.batch_norm itself, as model libraries fuse them; then F.linear positionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(6) * 0.1)
+        self.bn = BatchNormAct(6)
+        self.fc_w = nn.Parameter(torch.randn(5, 6) * 0.3)
+        self.fc_b = nn.Parameter(torch.zeros(5))
+
+    def forward(self, x):
+        y = F.conv2d(x, weight=self.weight, bias=self.bias, stride=1, padding=1)
+        y = self.bn(y).mean((2, 3))
+        return F.linear(y, self.fc_w, self.fc_b)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in miniature: F.batch_norm, then the activation, in one module."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps)
+        return F.relu(x)
+
+
+def _functional_model():
+    torch.manual_seed(0)
+    model = FunctionalConv().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_functional_conv_linear_quantize_and_functional_batch_norm_folds(tmp_path, qat):
+    model, x = _functional_model(), _x(8, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], qat=qat, progress=False).eval()
+    report = fxquant.report(qmodel)
+    assert {o.name for o in report.quantized} >= {"conv2d", "linear"}
+    assert not [o for o in report.ops if "batch_norm" in o.op.lower()]  # folded, not a float BN left in the graph
+    conv = qmodel.get_submodule("conv2d")
+    assert conv.weight_fq is not None and conv.weight_fq.scale.shape == (6,)  # per channel, from the parameter
+    assert (type(conv).__name__, conv.act) == (("ConvBnAct2d" if qat else "ConvAct2d"), "relu")
+    int8 = fxquant.convert(qmodel)
+    with torch.no_grad():
+        want, got = model(x), int8(x)
+    assert (want - got).abs().max() < 0.05 * want.abs().max()  # the int8 model computes the float one
+    fxquant.export_onnx(qmodel, tmp_path / "functional.onnx", x[:2])
+    assert_file_matches_int8(int8, tmp_path / "functional.onnx", _x(3, 3, 8, 8, seed=1), "functional layers", cpus=(None,))
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_at_quantize_with_the_reasons():
+    class ComputedWeight(nn.Module):  # weight standardisation: the weight is computed in forward, so no row applies
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+            return torch.tanh(F.conv2d(x, w))
+
+    with pytest.raises(fxquant.FxQuantError, match="nothing to quantize") as raised:
+        fxquant.quantize(ComputedWeight(), _x(2, 3, 6, 6))
+    assert "tanh  tanh                  row float_activations" in str(raised.value)  # the report's reasons
+    assert "no rule (float):\n  conv2d" in str(raised.value)
+
+
+# ---------------------------------------------------------------- kind 4: float ops between quantized layers
+
+class FloatMath(nn.Module):
+    """A hand-written LayerNorm (pow, mean, rsqrt), a padding mask (ne, where, masked_fill), leaky_relu,
+    erf, group_norm, clamp, abs, exp, log, reshape_as and .float() between quantized convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        mu = y.mean(1, keepdim=True)
+        var = (y - mu).pow(2).mean(1, keepdim=True)
+        y = (y - mu) * torch.rsqrt(var + 1e-5) * self.gamma
+        mask = (x[:, :1] > 0.5).float().ne(0)
+        y = torch.where(mask, y, -y).masked_fill(y.abs() > 3, 0.0)
+        y = F.leaky_relu(self.conv2(y), 0.1) + torch.erf(y) * 0.1
+        y = F.group_norm(y, 2) + torch.log(torch.exp(y.clamp(-2, 2)) + 1).reshape_as(y)
+        return self.conv3(y)
+
+
+def test_float_ops_export_through_torch_onnx_and_match_the_reference(tmp_path):
+    model, x = FloatMath().eval(), _x(6, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], progress=False)
+    assert {o.name for o in fxquant.report(qmodel).quantized} >= {"conv1", "conv2", "conv3"}
+    int8 = fxquant.convert(qmodel)
+    proto = fxquant.export_onnx(qmodel, tmp_path / "float_math.onnx", x[:2])
+    names = {n.name for n in proto.graph.node}
+    assert {"rsqrt", "where", "masked_fill", "erf", "group_norm", "leaky_relu"} <= names  # the FX node names are kept
+    assert_file_matches_int8(int8, tmp_path / "float_math.onnx", _x(3, 3, 8, 8, seed=1), "float math")
+
+
+def test_every_issue_op_exports_where_torch_onnx_does():
+    """The tool's measurement on the ops the issue names and on three it found exported wrongly (torch.flatten's
+    start_dim 0, softmax's implicit dim, a conv of two activations)."""
+    from fxquant.tools.float_ops import run
+
+    names = ["abs", "pow", "sqrt", "rsqrt", "exp", "log", "clamp", "ne", "gt", "leaky_relu", "erf", "group_norm",
+             "reshape_as", "float", "flatten", "softmax", "conv2d", "acos", "logit"]
+    rows = run(names=names)
+    assert len(rows) >= len(names)
+    lost = [(r.name, r.fxquant) for r in rows if r.torch_onnx == "ok" and r.fxquant != "ok"]
+    assert not lost
