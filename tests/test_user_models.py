@@ -209,3 +209,45 @@ def test_every_issue_op_exports_where_torch_onnx_does():
     assert len(rows) >= len(names)
     lost = [(r.name, r.fxquant) for r in rows if r.torch_onnx == "ok" and r.fxquant != "ok"]
     assert not lost
+
+
+# ---------------------------------------------------------------- kind 6: refused too late (padding_mode)
+
+class PaddedConvs(nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, padding_mode=mode)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=(1, 2), padding_mode=mode)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.bn(self.conv1(x))))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_non_zero_padding_modes_lower_to_an_explicit_pad_and_export(tmp_path, mode):
+    torch.manual_seed(0)
+    model, x = PaddedConvs(mode).eval(), _x(4, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], progress=False)
+    assert {o.name for o in fxquant.report(qmodel).quantized} == {"conv1", "conv2"}
+    int8 = fxquant.convert(qmodel)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), int8(x))  # the explicit pad is the conv's own padding, on the input's grid
+    fxquant.export_onnx(qmodel, tmp_path / "pad.onnx", x[:2])
+    assert_file_matches_int8(int8, tmp_path / "pad.onnx", _x(3, 3, 8, 8, seed=1), f"padding_mode={mode}", cpus=(None,))
+
+
+def test_qat_with_reflect_padding_trains_and_converts():
+    torch.manual_seed(0)
+    model, x = PaddedConvs("reflect"), _x(4, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], qat=True, progress=False)
+    opt = torch.optim.SGD(qmodel.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = qmodel(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    qmodel.eval()
+    with torch.no_grad():
+        ref = fxquant.convert(qmodel)(x)
+        assert (qmodel(x) - ref).abs().max() <= float(qmodel.conv2_fq.qparams()[0]) * (1 + 1e-4)
