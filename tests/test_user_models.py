@@ -251,3 +251,92 @@ def test_qat_with_reflect_padding_trains_and_converts():
     with torch.no_grad():
         ref = fxquant.convert(qmodel)(x)
         assert (qmodel(x) - ref).abs().max() <= float(qmodel.conv2_fq.qparams()[0]) * (1 + 1e-4)
+
+
+# ---------------------------------------------------------------- kind 7: the right diagnosis
+
+class AnchorHead(nn.Module):
+    """A detection head that caches its anchor grid in a plain attribute (not a buffer) and rebuilds it when
+    the feature map's size changes: torch.fx cannot trace the branch, so it is kept whole, in float."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 1)
+        self.grid = torch.zeros(1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        h, w = y.shape[2:]
+        if self.grid.shape[2:4] != y.shape[2:4]:
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            self.grid = torch.stack((xs, ys), 0).view(1, 2, h, w).float()
+        return torch.cat([y[:, :2] + self.grid, y[:, 2:]], 1)
+
+
+class Detector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = AnchorHead()
+
+    def forward(self, x):
+        return self.head(F.relu(self.body(x)))
+
+
+def test_a_leaf_caching_a_tensor_in_a_plain_attribute_exports(tmp_path):
+    torch.manual_seed(0)
+    model, x = Detector().eval(), _x(4, 3, 8, 8)
+    qmodel = fxquant.quantize(model, calib_data=[x], progress=False)
+    assert [o.name for o in fxquant.report(qmodel).leaves] == ["head"]
+    grid = qmodel.head.grid
+    fxquant.export_onnx(qmodel, tmp_path / "head.onnx", x[:2])
+    assert qmodel.head.grid is grid and grid.device.type == "cpu"  # the shape-only run left the cache alone
+    int8 = fxquant.convert(qmodel)
+    with torch.no_grad():
+        ref = int8(x[:2])
+    got = _ort(tmp_path / "head.onnx", x[:2])["output"]
+    assert np.abs(got - ref.numpy()).max() < 1e-4 * (1 + np.abs(ref.numpy()).max())
+
+
+def test_a_leaf_that_branches_on_values_is_refused_with_the_real_cause(tmp_path):
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gate = nn.Conv2d(3, 4, 1), Gate()
+
+        def forward(self, x):
+            return self.gate(self.conv(x))
+
+    x = _x(2, 3, 4, 4)
+    qmodel = fxquant.quantize(Gated(), calib_data=[x], progress=False)
+    with pytest.raises(fxquant.FxQuantError, match=r"node 'gate'.*fails on shapes alone.*meta.*branches on tensor values"):
+        fxquant.export_onnx(qmodel, tmp_path / "gate.onnx")
+
+
+class OptionalArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        y = self.conv(x)
+        if attn_mask is not None:
+            y = y + attn_mask
+        return y.relu() if is_causal else y
+
+
+def test_forward_arguments_left_out_take_their_defaults(tmp_path):
+    model, x = OptionalArgs().eval(), _x(2, 3, 4, 4)
+    qmodel = fxquant.quantize(model, x)  # example inputs: x alone
+    assert [n.name for n in qmodel.graph.nodes if n.op == "placeholder"] == ["x"]
+    qmodel = fxquant.quantize(model, calib_data=[(x, torch.zeros(2))], progress=False)  # a DataLoader's (x, label)
+    with torch.no_grad():
+        assert (qmodel(x) - model(x)).abs().max() <= float(qmodel.conv_fq.qparams()[0])
+    fxquant.export_onnx(qmodel, tmp_path / "opt.onnx")
+    mask = torch.full((1, 4, 1, 1), 0.5)
+    with_mask = fxquant.quantize(model, (x, mask), calib_data=[(x, mask)], progress=False)  # given, it is an input
+    assert [n.name for n in with_mask.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask"]

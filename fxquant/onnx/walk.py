@@ -30,10 +30,13 @@ from fxquant.traceable import is_wrapped
 def _float_leaf(e, node):
     """A call fx did not trace into (a leaf module, a torch.fx.wrap function), exported by torch.onnx and inlined."""
     if node in e.needs_values:
+        why = e.needs_values[node]
         raise FxQuantError(
-            f"export_onnx: node '{node.name}' ({node.format_node()}) reads tensor values (it cannot run on shapes alone), "
-            "so an exported trace would freeze the branch the example took. Fix: write the branch with tensor ops "
-            "(torch.where) so torch.fx traces it, or leave that module out of the model you export."
+            f"export_onnx: node '{node.name}' ({node.format_node()}) runs in float as one call (torch.fx could not trace "
+            f"into it) and fails on shapes alone (the meta device): {why}. torch.onnx's trace of it would keep only "
+            "what the example computed. If it branches on tensor values, write the branch with tensor ops (torch.where) "
+            "so torch.fx traces it; if it mixes devices, keep its tensors as buffers (register_buffer) rather than "
+            "plain attributes; or leave that module out of the model you export."
         )
     return inline_leaf(e, node)
 
@@ -44,7 +47,7 @@ class _Recorder(ShapeRunner):
 
     def __init__(self, gm, leaves: set, *, real: bool = False):
         super().__init__(gm, real=real)
-        self.leaves, self.needs_values = leaves, set()
+        self.leaves, self.needs_values = leaves, {}  # leaf node -> why it failed on the meta device
 
     def run_node(self, n):
         if n in self.leaves:
@@ -55,8 +58,8 @@ class _Recorder(ShapeRunner):
                         module(*args, **kwargs)
                 else:
                     n.target(*args, **kwargs)
-            except Exception:
-                self.needs_values.add(n)
+            except Exception as exc:
+                self.needs_values[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return super().run_node(n)
 
 
@@ -105,7 +108,8 @@ def _record(gm: fx.GraphModule, example_inputs: tuple, dynamic_batch: bool, leav
     other = recorders[-1].values
     if dynamic_batch:
         changed = {n for n, v in values.items() if not isinstance(v, torch.Tensor) and _signature(v) != _signature(other.get(n))}
-    return values, changed, set().union(*(r.needs_values for r in recorders)), other
+    needs_values = {n: why for r in recorders for n, why in r.needs_values.items()}
+    return values, changed, needs_values, other
 
 
 def _depends_on_inputs(gm: fx.GraphModule) -> set:
