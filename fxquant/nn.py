@@ -242,8 +242,8 @@ class WeightedAct:
         return super().extra_repr() + f", act={self.act}"
 
 
-class ConvAct2d(WeightedAct, nn.Conv2d):
-    """act(conv2d(x, fq(weight), bias)): conv with folded BN and a fused activation."""
+class ConvAct(WeightedAct):
+    """act(convNd(x, fq(weight), bias)): conv with folded BN and a fused activation (1-, 2- or 3-D)."""
 
     channel_axis = 1
 
@@ -253,6 +253,26 @@ class ConvAct2d(WeightedAct, nn.Conv2d):
 
     def _apply_weight(self, x, w, b):
         return self._conv_forward(x, w, b)
+
+    @property
+    def conv_function(self):
+        """F.conv1d / F.conv2d / F.conv3d: what convert lowers this module to."""
+        return CONV_FUNCTIONS[self.weight.dim() - 2]
+
+
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvAct1d(ConvAct, nn.Conv1d):
+    """act(conv1d(x, fq(weight), bias))."""
+
+
+class ConvAct2d(ConvAct, nn.Conv2d):
+    """act(conv2d(x, fq(weight), bias)): conv with folded BN and a fused activation."""
+
+
+class ConvAct3d(ConvAct, nn.Conv3d):
+    """act(conv3d(x, fq(weight), bias))."""
 
 
 class LinearAct(WeightedAct, nn.Linear):
@@ -393,14 +413,26 @@ class ConvBnAct2d(BnFolded, ConvAct2d):
     match_as = ConvAct2d  # backend rows written for ConvAct2d claim it
 
 
+class ConvBnAct1d(BnFolded, ConvAct1d):
+    """QAT conv1d-BatchNorm1d(-act), see BnFolded."""
+
+    match_as = ConvAct1d
+
+
+class ConvBnAct3d(BnFolded, ConvAct3d):
+    """QAT conv3d-BatchNorm3d(-act), see BnFolded."""
+
+    match_as = ConvAct3d
+
+
 class LinearBnAct(BnFolded, LinearAct):
     """QAT linear-bn(-act) on (N, C) outputs (BatchNorm1d), see BnFolded."""
 
     match_as = LinearAct
 
 
-FUSED_CLASSES = {nn.Conv2d: ConvAct2d, nn.Linear: LinearAct}
-BN_FOLDED_CLASSES = {nn.Conv2d: ConvBnAct2d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
+FUSED_CLASSES = {nn.Conv1d: ConvAct1d, nn.Conv2d: ConvAct2d, nn.Conv3d: ConvAct3d, nn.Linear: LinearAct}
+BN_FOLDED_CLASSES = {nn.Conv1d: ConvBnAct1d, nn.Conv2d: ConvBnAct2d, nn.Conv3d: ConvBnAct3d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
 
 
 def fused_class(mod: nn.Module):

@@ -340,3 +340,65 @@ def test_forward_arguments_left_out_take_their_defaults(tmp_path):
     mask = torch.full((1, 4, 1, 1), 0.5)
     with_mask = fxquant.quantize(model, (x, mask), calib_data=[(x, mask)], progress=False)  # given, it is an input
     assert [n.name for n in with_mask.graph.nodes if n.op == "placeholder"] == ["x", "attn_mask"]
+
+
+# ---------------------------------------------------------------- kind 5: Conv1d, Conv3d, ConvTranspose
+
+class Audio(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 8, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(8)
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.up = nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(F.relu(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class Video(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm3d(6)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x))).mean(2)
+        return self.bn2(self.up(y))
+
+
+def _optimized_ops(path, tmp_path) -> list[str]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
+@pytest.mark.parametrize("qat", [False, True])
+@pytest.mark.parametrize("kind", ["Audio", "Video"])
+def test_conv1d_conv3d_quantize_with_bn_folded_and_conv_transpose_stays_float(tmp_path, kind, qat):
+    torch.manual_seed(0)
+    model, shape = (Audio(), (4, 3, 16)) if kind == "Audio" else (Video(), (4, 3, 4, 6, 6))
+    from conftest import randomize_batchnorms
+
+    model = randomize_batchnorms(model).eval()
+    x = _x(*shape)
+    qmodel = fxquant.quantize(model, calib_data=[x], qat=qat, progress=False).eval()
+    report = fxquant.report(qmodel)
+    convs = {"conv1", "conv2"} if kind == "Audio" else {"conv1"}
+    assert {o.name for o in report.quantized} == convs
+    assert [o.rule for o in report.float_by_rule if o.name == "up"] == ["conv_transpose"]
+    assert not any(o.name == "bn1" for o in report.ops)  # folded into conv1
+    int8 = fxquant.convert(qmodel)
+    with torch.no_grad():
+        want, got = model(x), int8(x)
+    assert (want - got).abs().max() < 0.05 * want.abs().max()
+    path = tmp_path / f"{kind}.onnx"
+    fxquant.export_onnx(qmodel, path, x[:2])
+    assert _optimized_ops(path, tmp_path).count("QLinearConv") == len(convs)  # ORT runs them as integer convs
+    assert_file_matches_int8(int8, path, _x(3, *shape[1:], seed=1), kind, cpus=(None, "haswell") if not qat else (None,))
