@@ -23,6 +23,8 @@ are not constants, is left as it is: it runs in float, and fxquant.report lists 
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -61,8 +63,31 @@ def _as_parameter(t: torch.Tensor | None) -> nn.Parameter | None:
     return nn.Parameter(t, requires_grad=False)  # a buffer used as a weight: shares its storage
 
 
+def _static_size(a):
+    """A size read off a tensor's shape (x.shape[1], x.size(1)) whose dimension is not the batch: an int
+    (shapes past the batch are fixed by the example inputs); anything else comes back as it is."""
+    if not isinstance(a, fx.Node):
+        return a
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        shape, index = a.args
+        is_shape = shape.op == "call_function" and shape.target is getattr and shape.args[1] == "shape"
+        source = shape.args[0] if is_shape else None
+    elif a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        source, index = a.args
+    else:
+        return a
+    dims = info(source).shape if isinstance(source, fx.Node) else None
+    if dims is None or not isinstance(index, int) or index % len(dims) == 0:
+        return a
+    return dims[index]
+
+
 def _constants(args: dict, tensors) -> bool:
-    """Every argument but the input and the named tensor ones is a plain value (no graph node)."""
+    """Every argument but the input and the named tensor ones is a plain value (no graph node), once sizes
+    read off a shape (groups=x.shape[1]) are replaced by their values."""
+    for k, v in args.items():
+        if k != "input" and k not in tensors:
+            args[k] = _static_size(v)
     return not any(isinstance(v, fx.Node) for k, v in args.items() if k != "input" and k not in tensors)
 
 

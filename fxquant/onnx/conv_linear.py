@@ -31,6 +31,7 @@ def _conv_attrs(weight_shape, stride, padding, dilation, groups):
 
 
 def _conv(e, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    stride, padding, dilation, groups = (e.arg(a) for a in (stride, padding, dilation, groups))  # x.shape[1]: an int
     attrs = _conv_attrs(e.tensor_of(w).shape if isinstance(w, fx.Node) else w.shape, stride, padding, dilation, groups)
     return e.op(node, "Conv", [e.arg(x), e.param(node, w, "weight"), e.param(node, b, "bias")], **attrs)
 
