@@ -191,8 +191,10 @@ class Net(nn.Module):
             elif step[0] == "act" and step[1] in MODULE_ACTS and i % 2:
                 self.layers[str(i)] = MODULE_ACTS[step[1]]()
 
-    def forward(self, x, x2=None):  # one input: x2 takes its default
-        values = [self.stems[0](x)] + ([self.stems[1](x2)] if x2 is not None else [])
+    def forward(self, x):
+        return self._run([self.stems[0](x)])
+
+    def _run(self, values):
         for i, step in enumerate(self.spec.steps):
             values.append(self._step(str(i), step, values))
         out, aux = values[-1], values[len(values) // 2]
@@ -232,6 +234,17 @@ class Net(nn.Module):
         if kind == "shared":
             return self.layers[str(step[1])](y)
         raise ValueError(f"unknown step {step!r}")
+
+
+class Net2(Net):
+    """A Spec with two inputs: forward(x, x2), each through its own stem."""
+
+    def forward(self, x, x2):
+        return self._run([self.stems[0](x), self.stems[1](x2)])
+
+
+def build(spec: Spec) -> Net:
+    return (Net2 if spec.inputs == 2 else Net)(spec)
 
 
 def _float_op(name: str, y):
@@ -285,7 +298,7 @@ def check(spec: Spec, folder: str | None = None) -> Verdict:
     import fxquant
     from fxquant.check import layerwise
 
-    model = Net(spec).eval()
+    model = build(spec).eval()
     calib = [inputs_of(spec, 4, 1), inputs_of(spec, 4, 2)]
     stage = "quantize"
     with tempfile.TemporaryDirectory() if folder is None else _nothing(folder) as where, warnings.catch_warnings():
