@@ -7,6 +7,7 @@ from fxquant.onnx_export import export_onnx
 from fxquant.qat import freeze_bn
 from fxquant.report import Report, report
 from fxquant.specs import QuantSpec
+from fxquant import viz  # a package you can call: fxquant.viz(model, ...) is fxquant.viz.viz(model, ...)
 
 __all__ = ["quantize", "calibrate", "convert", "export_onnx", "set_fake_quant", "prepare_passes", "QuantSpec", "FxQuantError",
-           "freeze_bn", "report", "Report", "check_onnx"]
+           "freeze_bn", "report", "Report", "check_onnx", "viz"]

@@ -227,3 +227,13 @@ def _overlays(overlay, better) -> list[dict]:
         return []
     items = overlay if isinstance(overlay, (list, tuple)) else [overlay]
     return [load_overlay(o, better=better) for o in items]
+
+
+class _CallableModule(type(sys)):
+    """`fxquant.viz(...)` calls viz() while `fxquant.viz` stays this package (so `import fxquant.viz.outputs` works)."""
+
+    def __call__(self, *args, **kwargs) -> VizResult:
+        return viz(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -139,7 +139,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
 def _trace_error(exc: FxQuantError, example_inputs: tuple) -> FxQuantError:
     shapes = ", ".join("×".join(map(str, t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
     return FxQuantError(f"the model could not be traced and run on inputs of shape {shapes} (input_shape / "
-                        f"--input-shape): {exc}. Give the shape the model's forward expects, e.g. --input-shape 1,3,224,224")
+                        f"--input-shape): {str(exc).splitlines()[0]}. Give the shape the model's forward expects, e.g. --input-shape 1,3,224,224")
 
 
 def load_onnx(path) -> "object":

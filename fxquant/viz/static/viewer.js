@@ -205,7 +205,10 @@
 
   // ------------------------------------------------------------------ layout
   function textWidth(s, px) { return s.length * px * 0.6; }
-  function nodeSize(n) { return Math.max(64, Math.min(230, Math.max(textWidth(n.n, 11), textWidth(n.o, 10)) + 18)); }
+  function nodeSize(n) {  // room for the name and its badge, and for "op  shape"
+    const line2 = n.o + (n.sh ? "  " + n.sh : "");
+    return Math.max(64, Math.min(260, Math.max(textWidth(n.n, 11) + 30, textWidth(line2, 10)) + 16));
+  }
 
   function buildElk(m) {
     const root = { id: "root", layoutOptions: {
@@ -404,10 +407,11 @@
     return panel;
   }
   function applyView(p) { p.viewport.setAttribute("transform", `translate(${p.view.x},${p.view.y}) scale(${p.view.k})`); }
-  function fit(p) {
+  function fit(p, readable) {  // the whole graph; `readable`: no smaller than fits the width (tall graphs: top first)
     const r = p.svg.getBoundingClientRect();
-    const k = Math.min(1.2, Math.max(0.02, Math.min((r.width - 30) / p.size.w, (r.height - 40) / p.size.h)));
-    p.view = { k, x: (r.width - p.size.w * k) / 2, y: 28 };
+    const whole = Math.min((r.width - 30) / p.size.w, (r.height - 40) / p.size.h);
+    const k = Math.min(1.1, Math.max(0.02, readable ? Math.max(whole, Math.min(0.9, (r.width - 30) / p.size.w)) : whole));
+    p.view = { k, x: Math.max(10, (r.width - p.size.w * k) / 2), y: 28 };
     applyView(p);
   }
   function centerOn(p, key) {
@@ -444,7 +448,7 @@
     await Promise.all(state.panels.map((p) => layout(p)));
     for (const p of state.panels) {
       const key = state.selected && model(p.si).byName.has(state.selected) ? "n:" + state.selected : null;
-      if (opts.center && key && p.boxes.has(key)) centerOn(p, key); else fit(p);
+      if (opts.center && key && p.boxes.has(key)) centerOn(p, key); else fit(p, true);
     }
     legend();
     if (state.selected) showDetails(state.selected);
