@@ -121,10 +121,15 @@ def test_stage_selector_changes_the_drawing(net):
     traced = set(net.drawn())
     assert "bn" in traced and "bn" not in fake_quant and "stem_fq" in fake_quant and "stem_fq" not in traced
     assert net.page.locator("rect.fusion[data-fusion=stem]").count() == 1  # conv, bn, relu boxed as one fusion
+    net.page.click("g.node[data-name=relu]")  # the ReLU that fuse_modules folds into the stem conv
     net.page.click("#stages button[data-stage=ort]")
     net.idle()
     kinds = net.page.eval_on_selector_all("g.node", "els => els.map(e => e.dataset.kind)")
     assert kinds.count("int") >= 3  # QLinearConv x2, QGemm...
+    # identity across stages: the ReLU is now inside the stem's QLinearConv, which is selected in its place
+    selected = net.page.locator("g.node.selected")
+    assert selected.count() == 1 and selected.get_attribute("data-kind") == "int"
+    assert "stem" in selected.get_attribute("data-name") and "absorbed into this node" in net.page.inner_text("#details")
 
 
 def test_diff_view_side_by_side_with_selection_in_both(net):
@@ -163,7 +168,7 @@ def test_overlay_colours_nodes_and_lists_unknown_names(net):
     net.page.select_option("#overlay", label="overlay: overlay")
     net.idle()
     assert net.page.get_attribute("g.node[data-name=block_conv]", "data-value") == "3"
-    legend = net.page.inner_text("#legend")
+    legend = net.page.inner_text("#overlay-legend")
     assert "ghost_node" in legend and "lower is better" in legend
     net.page.click("#collapse-all")
     net.idle()

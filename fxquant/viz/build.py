@@ -90,7 +90,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
     built = Built(stages=[], example_inputs=example_inputs)
     keep = (lambda sid: wanted is None or sid in wanted)
     passes = fxquant.prepare_passes(example_inputs=example_inputs, backend=rules, **(quantize_options or {}))
-    gm = copy.deepcopy(model).eval()
+    gm = _copy(model).eval()
     for i, p in enumerate(passes):
         sid, label = _stage_label(pass_name(p))
         try:
@@ -101,7 +101,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
             built.stages.append(Stage(sid, label, pass_name(p), error=_stage_error(sid, exc)))
             return built
         if i == 0 and keep_float:
-            built.traced = copy.deepcopy(gm)
+            built.traced = _copy(gm)
         if sid == "fake-quant":
             gm.meta[BACKEND_META] = rules
             batches = calib_data if calib_data is not None else _random_batches(example_inputs, CALIB_BATCHES)
@@ -134,6 +134,15 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
             return built
         built.stages.extend(_onnx_file_stages(path, float_names=reasons, keep=keep, scopes=False))
     return built
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """quantize()'s own model copy (about 10x faster than copy.deepcopy on thousands of modules), when there."""
+    try:
+        from fxquant.api import copy_model
+    except ImportError:  # moved by a refactor: the slow, sure way
+        return copy.deepcopy(model)
+    return copy_model(model)
 
 
 def _trace_error(exc: FxQuantError, example_inputs: tuple) -> FxQuantError:
@@ -261,12 +270,12 @@ def absorbed_by_fusion(stages: list[Stage]) -> None:
             host = traced.nodes[host["i"][0]]
         if host["n"] in kept:
             absorbed.setdefault(host["n"], []).append(rec["n"])
+    member_of = {m: host for host, members in absorbed.items() for m in members}
     for rec in traced.nodes:  # the traced stage marks the group's members too, for the box around them
         if rec["n"] in absorbed:
             rec["fg"] = rec["n"]
-        for host, members in absorbed.items():
-            if rec["n"] in members:
-                rec["fg"] = host
+        elif rec["n"] in member_of:
+            rec["fg"] = member_of[rec["n"]]
     started = False
     for stage in stages:
         started = started or stage is fused

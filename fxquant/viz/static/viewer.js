@@ -61,7 +61,9 @@
     const byName = new Map(nodes.map((n, i) => [n.n, i]));
     const users = nodes.map(() => []);
     nodes.forEach((n, j) => n.i.forEach((i) => users[i].push(j)));
-    const m = { si, st, nodes, groups, leafGroup, byName, users };
+    const absorbedBy = new Map();  // a name this stage no longer has -> the node that absorbed it (fusion, ORT kernel)
+    nodes.forEach((n, i) => (n.ab || []).forEach((a) => { if (!byName.has(a) && !absorbedBy.has(a)) absorbedBy.set(a, i); }));
+    const m = { si, st, nodes, groups, leafGroup, byName, users, absorbedBy };
     models.set(si, m);
     return m;
   }
@@ -102,6 +104,19 @@
   }
   function rangeLabel(part, groups, nodes) {
     return `${firstName(part[0], groups, nodes)} … ${lastName(part[part.length - 1], groups, nodes)}`;
+  }
+
+  let hosts = null;  // name -> the node that absorbed it in some stage (traced relu -> fused stem -> ORT's QLinearConv)
+  function find(m, name, depth = 0) {  // the node `name` is in this stage: itself, or the node that absorbed it
+    const i = m.byName.get(name);
+    if (i !== undefined) return i;
+    if (m.absorbedBy.has(name)) return m.absorbedBy.get(name);
+    if (!hosts) {
+      hosts = new Map();
+      for (const st of DATA.stages) for (const n of st.nodes || []) for (const a of n.ab || []) if (a !== n.n && !hosts.has(a)) hosts.set(a, n.n);
+    }
+    const host = hosts.get(name);
+    return host !== undefined && depth < 8 ? find(m, host, depth + 1) : undefined;
   }
 
   function ancestors(m, i) {  // group ids from the node's innermost group up to the root
@@ -447,7 +462,9 @@
     banner();
     await Promise.all(state.panels.map((p) => layout(p)));
     for (const p of state.panels) {
-      const key = state.selected && model(p.si).byName.has(state.selected) ? "n:" + state.selected : null;
+      const m = model(p.si);
+      const i = state.selected ? find(m, state.selected) : undefined;
+      const key = i !== undefined ? "n:" + m.nodes[i].n : null;
       if (opts.center && key && p.boxes.has(key)) centerOn(p, key); else fit(p, true);
     }
     legend();
@@ -459,10 +476,10 @@
     for (const p of state.panels) {
       if (!centerName) continue;
       const m = model(p.si);
-      const i = m.byName.get(centerName);
+      const i = find(m, centerName);
       if (i === undefined) continue;
       const key = p.layout.rep[i];
-      centerOn(p, key[0] === "n" ? "n:" + centerName : key);
+      centerOn(p, key[0] === "n" ? "n:" + m.nodes[i].n : key);
     }
   }
 
@@ -478,7 +495,7 @@
   function reveal(name) {  // open the groups around `name` in every panel that has it
     for (const p of state.panels) {
       const m = model(p.si);
-      const i = m.byName.get(name);
+      const i = find(m, name);
       if (i !== undefined) for (const id of ancestors(m, i)) state.expanded.add(id);
     }
   }
@@ -494,12 +511,12 @@
     for (const p of state.panels) {
       p.viewport.querySelectorAll(".selected").forEach((e) => e.classList.remove("selected"));
       if (!state.selected) continue;
-      const b = p.boxes.get("n:" + state.selected);
+      const m = model(p.si);
+      const i = find(m, state.selected);
+      if (i === undefined) continue;
+      const b = p.boxes.get("n:" + m.nodes[i].n);
       if (b) b.g.classList.add("selected");
-      else if (p.layout) {  // hidden in a collapsed group: mark the group
-        const i = model(p.si).byName.get(state.selected);
-        if (i !== undefined) { const gb = p.boxes.get(p.layout.rep[i]); if (gb) gb.g.classList.add("selected"); }
-      }
+      else if (p.layout) { const gb = p.boxes.get(p.layout.rep[i]); if (gb) gb.g.classList.add("selected"); }  // in a collapsed group
     }
   }
 
@@ -558,8 +575,11 @@
     const m = currentModel();
     const box = $("details");
     box.textContent = "";
-    const i = m.byName.get(name);
-    const h = document.createElement("h3"); h.textContent = name; box.appendChild(h);
+    const i = find(m, name);
+    const h = document.createElement("h3"); h.textContent = i === undefined ? name : m.nodes[i].n; box.appendChild(h);
+    if (i !== undefined && m.nodes[i].n !== name) {
+      const p = document.createElement("p"); p.className = "hint"; p.textContent = `${name} is absorbed into this node in stage "${m.st.label}".`; box.appendChild(p);
+    }
     if (i === undefined) {
       const p = document.createElement("p"); p.textContent = `not in stage "${m.st.label}".`; box.appendChild(p);
     } else {
@@ -587,9 +607,10 @@
     const p = document.createElement("div");
     DATA.stages.forEach((st, si) => {
       if (st.error) return;
-      const has = model(si).byName.has(name);
+      const sm = model(si), at = find(sm, name);
       if (p.childNodes.length) p.append(" · ");
-      if (has) p.appendChild(link(st.label, () => setStage(si, name))); else { const x = document.createElement("s"); x.textContent = st.label; p.appendChild(x); }
+      if (at === undefined) { const x = document.createElement("s"); x.textContent = st.label; p.appendChild(x); }
+      else p.appendChild(link(st.label + (sm.nodes[at].n === name ? "" : ` (in ${sm.nodes[at].n})`), () => setStage(si, name)));
     });
     box.appendChild(p);
   }
@@ -638,21 +659,26 @@
       }
       lg.appendChild(list);
     }
+    overlayLegend();
+  }
+  function overlayLegend() {  // floats over the graph, bottom left: what the heat map's colours mean
+    const lg = $("overlay-legend");
+    lg.textContent = "";
     const o = overlay();
-    if (o) {
-      const [lo, hi] = overlayRange(o);
-      const t = document.createElement("div"); t.className = "sect"; t.textContent = `overlay: ${o.name} (${o.better} is better)`; lg.appendChild(t);
-      const r = document.createElement("div"); r.className = "row";
-      const left = o.better === "higher" ? heat(1) : heat(0), right = o.better === "higher" ? heat(0) : heat(1);
-      const bar = document.createElement("span"); bar.className = "bar"; bar.style.background = `linear-gradient(to right, ${left}, ${heat(0.5)}, ${right})`;
-      r.append(fmt(lo), bar, fmt(hi)); lg.appendChild(r);
-      const n = Object.keys(o.values).length;
-      const p = document.createElement("div"); p.textContent = `${n} values; a collapsed group shows its worst child.`; lg.appendChild(p);
-      if (o.unknown.length) {
-        const u = document.createElement("div"); u.className = "unknown";
-        u.textContent = `${o.unknown.length} overlay name(s) match no node in any stage: ${o.unknown.slice(0, 50).join(", ")}${o.unknown.length > 50 ? " …" : ""}`;
-        lg.appendChild(u);
-      }
+    lg.hidden = !o;
+    if (!o) return;
+    const [lo, hi] = overlayRange(o);
+    const t = document.createElement("div"); t.className = "sect"; t.textContent = `${o.name} (${o.better} is better)`; lg.appendChild(t);
+    const r = document.createElement("div"); r.className = "row";
+    const left = o.better === "higher" ? heat(1) : heat(0), right = o.better === "higher" ? heat(0) : heat(1);
+    const bar = document.createElement("span"); bar.className = "bar"; bar.style.background = `linear-gradient(to right, ${left}, ${heat(0.5)}, ${right})`;
+    r.append(fmt(lo), bar, fmt(hi)); lg.appendChild(r);
+    const n = Object.keys(o.values).length;
+    const p = document.createElement("div"); p.textContent = `${n} values; a collapsed group shows its worst child.`; lg.appendChild(p);
+    if (o.unknown.length) {
+      const u = document.createElement("div"); u.className = "unknown";
+      u.textContent = `${o.unknown.length} overlay name(s) match no node in any stage: ${o.unknown.slice(0, 50).join(", ")}${o.unknown.length > 50 ? " …" : ""}`;
+      lg.appendChild(u);
     }
   }
   function swatch(k) {
@@ -680,7 +706,14 @@
     const box = $("search-results");
     box.textContent = "";
     if (!q) { box.hidden = true; return; }
-    m.nodes.forEach((n, i) => { if (n.n.toLowerCase().includes(q) || n.o.toLowerCase().includes(q)) state.search.hits.push(i); });
+    const exact = [], prefix = [], rest = [];  // an exact name first, then names starting with q, then the rest
+    m.nodes.forEach((n, i) => {
+      const name = n.n.toLowerCase();
+      if (name === q) exact.push(i);
+      else if (name.startsWith(q)) prefix.push(i);
+      else if (name.includes(q) || n.o.toLowerCase().includes(q)) rest.push(i);
+    });
+    state.search.hits = exact.concat(prefix, rest);
     box.hidden = false;
     const head = document.createElement("div"); head.className = "sect"; head.id = "search-count";
     head.textContent = `${state.search.hits.length} match${state.search.hits.length === 1 ? "" : "es"} for "${q}"`;
