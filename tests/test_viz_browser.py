@@ -129,7 +129,12 @@ def test_stage_selector_changes_the_drawing(net):
     # identity across stages: the ReLU is now inside the stem's QLinearConv, which is selected in its place
     selected = net.page.locator("g.node.selected")
     assert selected.count() == 1 and selected.get_attribute("data-kind") == "int"
-    assert "stem" in selected.get_attribute("data-name") and "absorbed into this node" in net.page.inner_text("#details")
+    kernel = selected.get_attribute("data-name")
+    assert "stem" in kernel and "absorbed into this node" in net.page.inner_text("#details")
+    selected.click()  # and back: the kernel's name is not in the fake-quant graph; what it replaced is
+    net.page.click("#stages button[data-stage='fake-quant']")
+    net.idle()
+    assert net.page.locator("g.node.selected").get_attribute("data-name") == "stem"
 
 
 def test_diff_view_side_by_side_with_selection_in_both(net):

@@ -106,17 +106,25 @@
     return `${firstName(part[0], groups, nodes)} … ${lastName(part[part.length - 1], groups, nodes)}`;
   }
 
+  let aliases = null;  // name -> the names it absorbed (its `ab`, first stage that has it)
   let hosts = null;  // name -> the node that absorbed it in some stage (traced relu -> fused stem -> ORT's QLinearConv)
   function find(m, name, depth = 0) {  // the node `name` is in this stage: itself, or the node that absorbed it
     const i = m.byName.get(name);
     if (i !== undefined) return i;
     if (m.absorbedBy.has(name)) return m.absorbedBy.get(name);
     if (!hosts) {
-      hosts = new Map();
-      for (const st of DATA.stages) for (const n of st.nodes || []) for (const a of n.ab || []) if (a !== n.n && !hosts.has(a)) hosts.set(a, n.n);
+      hosts = new Map(); aliases = new Map();
+      for (const st of DATA.stages) for (const n of st.nodes || []) {
+        for (const a of n.ab || []) if (a !== n.n && !hosts.has(a)) hosts.set(a, n.n);
+        if (n.ab && !aliases.has(n.n)) aliases.set(n.n, n.ab);
+      }
     }
     const host = hosts.get(name);
-    return host !== undefined && depth < 8 ? find(m, host, depth + 1) : undefined;
+    if (host !== undefined && depth < 8) { const j = find(m, host, depth + 1); if (j !== undefined) return j; }
+    // the other way: a node made of others (ORT's conv1_conv2d QLinearConv) is, in earlier stages, what it absorbed;
+    // an op (conv1) rather than its Q/DQ/fake-quant
+    const found = (aliases.get(name) || []).map((a) => m.byName.get(a)).filter((j) => j !== undefined);
+    return found.find((j) => !["q", "dq", "fq"].includes(m.nodes[j].k)) ?? found[0];
   }
 
   function ancestors(m, i) {  // group ids from the node's innermost group up to the root
@@ -195,6 +203,11 @@
       if (t <= t1) { const f = (t - t0) / (t1 - t0); return `rgb(${c0.map((c, z) => Math.round(c + (c1[z] - c) * f)).join(",")})`; }
     }
     return "rgb(215,48,39)";
+  }
+  function paint(g, rect, rgb) {  // a heat-map fill, and white text where the fill is dark
+    rect.style.fill = rgb;
+    const [r, gg, b] = rgb.match(/\d+/g).map(Number);
+    if (0.299 * r + 0.587 * gg + 0.114 * b < 140) g.classList.add("dark");
   }
   function nodeValue(o, n) {  // a node's own value, else the worst of what it absorbed (a fused kernel)
     if (n.n in o.values) return o.values[n.n];
@@ -347,7 +360,7 @@
     if (diff) cls += " d-" + (diff.status.get(n.n) || "same");
     const g = el("g", { class: cls, "data-name": n.n, "data-kind": n.k, transform: `translate(${box.x},${box.y})` }, parent);
     const r = el("rect", { class: "box", width: box.width, height: box.height }, g);
-    if (o) { const v = nodeValue(o, n); if (v !== undefined) { r.style.fill = heat(badness(o, v)); g.setAttribute("data-value", v); } }
+    if (o) { const v = nodeValue(o, n); if (v !== undefined) { paint(g, r, heat(badness(o, v))); g.setAttribute("data-value", v); } }
     const fusedIn = n.ab && n.k !== "int" && m.st.id !== "onnx" && m.st.id !== "ort";
     if (fusedIn || (n.k === "int" && n.ab)) el("rect", { class: "fused2", x: 3, y: 3, width: box.width - 6, height: box.height - 6, rx: 3 }, g);
     const t1 = el("text", { x: 7, y: 14 }, g); t1.textContent = clip(n.n, box.width, 11);
@@ -369,7 +382,7 @@
     const g = el("g", { class: "cgroup", "data-group": gid, transform: `translate(${box.x},${box.y})` }, parent);
     el("rect", { class: "under", x: 4, y: 4, width: box.width, height: box.height }, g);
     const r = el("rect", { class: "box", width: box.width, height: box.height }, g);
-    if (o) { const v = groupValue(m, o, gid); if (v !== undefined) { r.style.fill = heat(badness(o, v)); g.setAttribute("data-value", v); } }
+    if (o) { const v = groupValue(m, o, gid); if (v !== undefined) { paint(g, r, heat(badness(o, v))); g.setAttribute("data-value", v); } }
     const t1 = el("text", { x: 8, y: 15 }, g); t1.textContent = "▸ " + clip(grp.label, box.width - 10, 11);
     const t2 = el("text", { class: "op", x: 8, y: 30 }, g);
     const q = (grp.kinds.q || 0) + (grp.kinds.dq || 0) + (grp.kinds.fq || 0);
