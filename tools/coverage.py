@@ -8,7 +8,7 @@ the batch) and how the reference int8 graph agrees with the float model. A model
 Runtime runs it with SQNR >= 30 dB against the reference int8 graph and the same top-1 on every row
 (where the reference's quantized logits tie at the top, any of the tied classes counts).
 
-`layerwise max steps` is the teacher-forced check (`layerwise_steps`): each layer of the reference
+`layerwise max steps` is the teacher-forced check (`fxquant.check.layerwise`): each layer of the reference
 computed from ONNX Runtime's own inputs against ONNX Runtime's output of it. It does not compound
 through depth, so it tells an exporter bug (> 1 step somewhere) from a network that amplifies the
 one-step rounding differences of two float implementations block after block (output SQNR low,
@@ -65,6 +65,7 @@ TEST_BATCH = 4
 class Row:
     model: str
     size: int
+    target: str | None = None  # the onnxruntime backend's deployment target (None: its default, portable)
     traced: bool = False
     fused: bool = False
     quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
@@ -138,50 +139,6 @@ def _build(name: str):
     return random_model(name)
 
 
-def layerwise_steps(int8, path: str, x) -> tuple[float, str]:
-    """Teacher-forced agreement: (largest difference in quantization steps, the node where it is).
-
-    ONNX Runtime runs the file with every QuantizeLinear output exposed; the reference int8 graph then
-    runs with each of its quantize nodes replaced by ONNX Runtime's value of it, so every op computes
-    from the very integers ONNX Runtime computed from, and its quantized output is compared with ONNX
-    Runtime's. Unlike the output SQNR, this does not compound: a random network that amplifies the
-    one-step rounding differences of two float implementations (torch's conv, MLAS's) block after
-    block still agrees within one step at every layer when the file computes what the reference does.
-    """
-    import numpy as np
-    import onnx
-    import torch
-    from torch import fx
-
-    from fxquant.check import ort_session
-    from fxquant.numerics import quantize
-
-    model = onnx.load(path)
-    names = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    exposed = os.path.join(os.path.dirname(path), "layerwise.onnx")
-    onnx.save_model(model, exposed)
-    session = ort_session(exposed, threads=1)
-    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    ort = dict(zip([o.name for o in session.get_outputs()], outputs))
-    worst = [0.0, ""]
-
-    class Forced(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n.target is quantize and n.name in ort:
-                theirs = torch.from_numpy(np.asarray(ort[n.name]))
-                steps = float((value.to(torch.int32) - theirs.to(torch.int32)).abs().max()) if value.numel() else 0.0
-                if steps > worst[0]:
-                    worst[:] = [steps, n.name]
-                value = theirs.to(value.dtype)
-            return value
-
-    with torch.no_grad():
-        Forced(int8).run(x)
-    return worst[0], worst[1]
-
-
 def _compare(row: Row, path: str, reference, floats, test) -> None:
     """ONNX Runtime on `test` against the reference model's output; the reference against the float one."""
     from fxquant.check import ort_session, run_onnx
@@ -198,6 +155,7 @@ def run_fxquant(row: Row, folder: str) -> None:
     import torch
 
     import fxquant
+    from fxquant.check import layerwise_steps
 
     name, size = row.model, row.size
     model = _build(name)
@@ -205,7 +163,7 @@ def run_fxquant(row: Row, folder: str) -> None:
     trace: list = []
     start = time.perf_counter()
     try:
-        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace)
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target)
     finally:
         done = [p for p, _, _ in trace]
         row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
@@ -257,13 +215,13 @@ def run_torch_ao(row: Row, folder: str) -> None:
     _compare(row, path, reference, floats, test)
 
 
-def _one(name: str, size: int, torch_ao: bool, threads: int) -> Row:
+def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None) -> Row:
     """Run one model in this process; an exception becomes the row's error."""
     import torch
 
     torch.set_num_threads(threads)
     run = run_torch_ao if torch_ao else run_fxquant
-    row = Row(name, size)
+    row = Row(name, size, target)
     with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
         try:
             run(row, folder)
@@ -276,15 +234,16 @@ def _one(name: str, size: int, torch_ao: bool, threads: int) -> Row:
 def _in_subprocess(name: str, size: int, args) -> Row:
     cmd = [sys.executable, "-m", "fxquant.tools.coverage", "--one", name, "--size", str(size), "--threads", str(args.threads)]
     cmd += ["--torch-ao"] if args.torch_ao else []
+    cmd += ["--target", args.target] if args.target else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Row(name, size, error=f"timed out after {args.timeout} s")
+        return Row(name, size, args.target, error=f"timed out after {args.timeout} s")
     for line in done.stdout.splitlines():
         if line.startswith(MARKER):
             return Row(**json.loads(line[len(MARKER):]))
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Row(name, size, error=f"process exited with {done.returncode}: {tail[:300]}")
+    return Row(name, size, args.target, error=f"process exited with {done.returncode}: {tail[:300]}")
 
 
 def all_models() -> list[str]:
@@ -360,10 +319,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (default 1800)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
     parser.add_argument("--size", type=int, help="input size for every model (default: per model, see the docstring)")
+    parser.add_argument("--target", help="the onnxruntime backend's deployment target (default: portable; vnni for "
+                        "8-bit weights everywhere)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
-        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads)
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target)
         print(MARKER + json.dumps(asdict(row)), flush=True)
         return 0
     names = [m for m in args.models.split(",") if m] if args.models else all_models()
