@@ -297,10 +297,12 @@ def onnx_stage(model, stage: Stage, *, float_names: dict[str, str] | None = None
         if node.op_type == "Constant" and node.output[0] in consts:
             continue
         name = node.name or (node.output[0] if node.output else f"{node.op_type}_{len(nodes)}")
-        rec: dict = {"n": name, "o": node.op_type, "t": f"{node.domain or 'ai.onnx'}::{node.op_type}",
+        rec: dict = {"n": name, "o": node.op_type, "t": f"{node.domain}::{node.op_type}" if node.domain else node.op_type,
                      "i": sorted({producer[x] for x in node.input if x in producer}), **_shape(shapes, node.output[0] if node.output else "")}
         if node.domain:
             rec["dom"] = node.domain
+        else:
+            del rec["t"]  # the op type says it all (the page shows `o`)
         read = [x for x in node.input if x in inits]
         if read:
             rec["c"] = read

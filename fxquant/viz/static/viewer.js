@@ -6,7 +6,7 @@
   const DATA = JSON.parse(document.getElementById("fxviz-data").textContent);
   const CHUNK = 48;          // a group with more children than this is split into runs of CHUNK (ranges)
   const BUDGET = 160;        // boxes drawn at first: groups open breadth-first while the total stays under this
-  const EXPAND_ALL_MAX = 4000;  // "expand all" stops opening groups beyond this many boxes
+  const EXPAND_ALL_MAX = 1500;  // "expand all" stops opening groups beyond this many boxes
   const NODE_H = 34;
   const SVGNS = "http://www.w3.org/2000/svg";
   const elk = new ELK();
@@ -792,7 +792,12 @@
     DATA.overlays.forEach((o, k) => { const op = document.createElement("option"); op.value = k; op.textContent = "overlay: " + o.name; ov.appendChild(op); });
     ov.value = state.overlay;
     ov.addEventListener("change", () => run(async () => { state.overlay = +ov.value; for (const p of state.panels) draw(p); legend(); if (state.selected) showDetails(state.selected); }));
-    $("diff-on").addEventListener("change", (ev) => run(async () => { state.diff = ev.target.checked; syncControls(); await render({ center: true }); }));
+    $("diff-on").addEventListener("change", (ev) => run(async () => {  // ticked: what the pass that made this stage did
+      state.diff = ev.target.checked;
+      if (state.diff) { state.b = state.stage; state.a = ok[Math.max(0, ok.indexOf(state.stage) - 1)] ?? state.stage; }
+      else state.stage = state.b;
+      syncControls(); await render({ center: true });
+    }));
     for (const id of ["diff-a", "diff-b"]) $(id).addEventListener("change", () => run(async () => {
       state.a = +$("diff-a").value; state.b = +$("diff-b").value; state.diff = true; $("diff-on").checked = true; syncControls(); await render({ center: true });
     }));
