@@ -169,6 +169,21 @@ def test_search_finds_and_reveals_a_node(net):
     assert net.page.inner_text("#details h3") == "block_conv"
 
 
+def test_a_link_opens_the_page_at_a_stage_and_node(browser, net_files, net):
+    net.page.click("#stages button[data-stage=int8]")
+    net.idle()
+    net.page.click("g.node[data-name=block_conv_w_dq]")
+    url = net.page.url
+    assert url.endswith("#stage=int8&node=block_conv_w_dq")
+    other = Page(browser, url.split("file://", 1)[1])
+    try:
+        assert other.page.locator("#stages button.active").get_attribute("data-stage") == "int8"
+        assert other.page.locator("g.node.selected").get_attribute("data-name") == "block_conv_w_dq"
+        assert other.page.inner_text("#details h3") == "block_conv_w_dq" and other.errors == []
+    finally:
+        other.close()
+
+
 def test_overlay_colours_nodes_and_lists_unknown_names(net):
     net.page.select_option("#overlay", label="overlay: overlay")
     net.idle()

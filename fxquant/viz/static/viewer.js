@@ -372,6 +372,7 @@
       el("rect", { class: "badge", x: box.width - w - 2, y: 2, width: w, height: 12, rx: 3 }, g);
       const tb = el("text", { class: "badge", x: box.width - w + 2, y: 11 }, g); tb.textContent = badge;
     }
+    el("title", {}, g).textContent = `${n.n}\n${n.o}${n.sh ? "  " + n.sh : ""}`;
     g.addEventListener("click", (ev) => { ev.stopPropagation(); select(n.n, { center: false }); });
     panel.boxes.set("n:" + n.n, { g, box });
     if (n.fg) { if (!fusion.has(n.fg)) fusion.set(n.fg, []); fusion.get(n.fg).push(box); }
@@ -518,6 +519,20 @@
     if (opts.reveal) { reveal(name); await relayout(name); } else if (opts.center) { for (const p of state.panels) centerOn(p, "n:" + name); }
     markSelection();
     showDetails(name);
+    remember();
+  }
+
+  function remember() {  // the URL's hash names the stage and the node, so a link opens the page there
+    const st = DATA.stages[state.diff ? state.b : state.stage];
+    const hash = `#stage=${encodeURIComponent(st.id)}` + (state.selected ? `&node=${encodeURIComponent(state.selected)}` : "");
+    if (location.hash !== hash) history.replaceState(null, "", hash);
+  }
+  function fromHash() {
+    const params = new URLSearchParams(location.hash.slice(1));
+    const si = DATA.stages.findIndex((s) => s.id === params.get("stage") && !s.error);
+    if (si >= 0) state.stage = state.b = si;
+    const node = params.get("node");
+    if (node) state.selected = node;
   }
 
   function markSelection() {
@@ -758,6 +773,7 @@
       if (state.selected) reveal(state.selected);
       syncControls();
       await render({ center: true });
+      remember();
       if (state.search.q) runSearch(state.search.q);
     });
   }
@@ -808,6 +824,10 @@
     $("collapse-all").addEventListener("click", () => run(async () => { state.expanded = new Set([""]); await relayout(); for (const p of state.panels) fit(p); }));
     $("fit").addEventListener("click", () => state.panels.forEach(fit));
     window.addEventListener("resize", () => state.panels.forEach(fit));
+    document.addEventListener("keydown", (ev) => {  // "/" searches, Escape clears the search and the selection
+      if (ev.key === "/" && document.activeElement !== $("search")) { ev.preventDefault(); $("search").focus(); }
+      else if (ev.key === "Escape") { $("search").value = ""; runSearch(""); state.selected = null; markSelection(); remember(); }
+    });
   }
 
   function expandAll() {
@@ -828,10 +848,12 @@
     const t0 = performance.now();
     setup();
     if (!DATA.stages.some((s) => !s.error)) { banner(); $("banner").textContent = DATA.stages.map((s) => s.error).join(" · ") || "no stage"; document.body.dataset.ready = "1"; document.body.dataset.busy = "0"; return; }
+    fromHash();
     const m = model(state.stage);
     defaultExpand(m, BUDGET);
+    if (state.selected) { const i = find(m, state.selected); if (i !== undefined) ancestors(m, i).forEach((id) => state.expanded.add(id)); }
     syncControls();
-    await run(() => render());
+    await run(() => render({ center: true }));
     window.fxviz.startMs = performance.now() - t0;
     document.body.dataset.ready = "1";
   }
