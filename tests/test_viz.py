@@ -333,3 +333,18 @@ def test_cli(tmp_path, capsys):
     assert out.exists() and (tmp_path / "g.dot").exists()
     assert main(["viz", "nope", "-o", str(tmp_path / "x.html")]) == 1
     assert "expected package.module:attr" in capsys.readouterr().err
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, a, b):
+        return self.conv(a) * b.mean()
+
+
+def test_several_inputs_by_shape(tmp_path):
+    result = viz(TwoInputs().eval(), output=tmp_path / "p.html", input_shape=["1,3,4,4", (1, 2)], stages=["traced"])
+    inputs = [n for n in stage(page_data(tmp_path / "p.html"), "traced")["nodes"] if n["k"] == "input"]
+    assert result.stages["traced"] > 0 and [n["sh"] for n in inputs] == ["1×3×4×4", "1×2"]

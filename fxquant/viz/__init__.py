@@ -101,6 +101,8 @@ def _is_onnx_path(model) -> bool:
 
 
 def _example_inputs(example_inputs, input_shape) -> tuple:
+    """The given tensors, or seeded N(0, 1) tensors of `input_shape`: "1,3,224,224", (1, 3, 224, 224), or a list
+    of such shapes for a model with several inputs."""
     if example_inputs is not None:
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
@@ -109,11 +111,10 @@ def _example_inputs(example_inputs, input_shape) -> tuple:
     if input_shape is None:
         raise FxQuantError("a model needs example inputs: pass example_inputs=, or input_shape=(1, 3, 224, 224) "
                            "(CLI: --input-shape 1,3,224,224)")
-    shapes = [input_shape] if isinstance(input_shape, (str, tuple)) and not (
-        isinstance(input_shape, tuple) and input_shape and isinstance(input_shape[0], (tuple, list, str))) else list(input_shape)
+    one_shape = isinstance(input_shape, str) or all(isinstance(d, int) for d in input_shape)
+    shapes = [input_shape] if one_shape else list(input_shape)
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(parse_input_shape(s) if isinstance(s, str) else parse_input_shape(",".join(map(str, s))),
-                             generator=g) for s in shapes)
+    return tuple(torch.randn(parse_input_shape(s if isinstance(s, str) else ",".join(map(str, s))), generator=g) for s in shapes)
 
 
 def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=None, overlay=None, overlay_better=None,

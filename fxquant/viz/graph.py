@@ -19,6 +19,8 @@ A node is a dict with short keys (the page holds ~10^5 of them for a 10,000-bloc
     ab    names of earlier-stage nodes this one absorbed (a fused BatchNorm/ReLU; the Q/DQ and ops an
           ONNX Runtime integer kernel replaced)
     dom   ONNX domain of the op, at ONNX attributes (small ones only)
+    c     the constants the node reads (fx get_attr targets, ONNX initializers), ws a module's weight shape
+    fg    traced stage only: the node whose fused module this node will become part of (the box around them)
 
 Constants (fx get_attr, ONNX initializers and Constant nodes) are not drawn: each node lists the ones it
 reads in `c`, so a weight's int8 tensor does not become a box of its own.
