@@ -48,7 +48,7 @@ class Net(nn.Module):
 
     def forward(self, x):
         x = self.block(self.relu(self.bn(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.fc(self.pool(x).reshape(x.shape[0], -1))  # x.shape: shape arithmetic the page hides
 
 
 def page_data(path) -> dict:
@@ -132,6 +132,14 @@ def test_fused_nodes_list_what_they_absorbed_and_keep_their_module_path(net_page
     fq = by_name(stage(data, "fake-quant"))
     assert fq["block_conv_fq"]["g"] == "block"  # a pass-made node is placed by the name it extends
     assert by_name(stage(data, "int8"))["block_conv_w_dq"]["g"] == "block"
+
+
+def test_shape_arithmetic_is_flagged_and_nothing_else(net_page):
+    _, _, _, _, data = net_page
+    flagged = {st["id"]: sorted(n["n"] for n in st["nodes"] if n.get("s")) for st in data["stages"]}
+    assert flagged["traced"] == flagged["int8"] == ["getattr_1", "getitem"]  # x.shape, x.shape[0]
+    assert {"getattr_1", "getitem"} <= set(flagged["onnx"]) and all(
+        n["o"] in ("Shape", "Gather", "Unsqueeze", "Concat") for n in stage(data, "onnx")["nodes"] if n.get("s"))
 
 
 def test_sqnr_overlay_is_per_layer_and_falls_with_depth(net_page):

@@ -104,6 +104,19 @@ def test_drawn_quantize_dequantize_nodes_match_the_file(net, net_files):
     assert net.page.locator("g.cgroup").count() == 0  # everything open: nothing hidden in a collapsed group
 
 
+def test_shape_ops_are_hidden_until_asked_for(net):
+    assert net.page.locator("g.node[data-name=getitem]").count() == 0
+    net.page.check("#show-shapes")
+    net.idle()
+    assert net.page.locator("g.node[data-name=getitem]").count() == 1
+    net.page.uncheck("#show-shapes")
+    net.idle()
+    net.page.fill("#search", "getattr_1")  # a search for one shows them
+    net.page.press("#search", "Enter")
+    net.idle()
+    assert net.page.locator("g.node.selected[data-name=getattr_1]").count() == 1
+
+
 def test_click_opens_details_with_quantization(net):
     net.page.click("g.node[data-name=stem_fq]")
     assert net.page.inner_text("#details h3") == "stem_fq"

@@ -19,6 +19,8 @@ A node is a dict with short keys (the page holds ~10^5 of them for a 10,000-bloc
     ab    names of earlier-stage nodes this one absorbed (a fused BatchNorm/ReLU; the Q/DQ and ops an
           ONNX Runtime integer kernel replaced)
     dom   ONNX domain of the op, at ONNX attributes (small ones only)
+    s     1 when the value is not a tensor of data (shape arithmetic: x.shape, getitem on it, ONNX Shape -> Gather):
+          the page hides these by default
     c     the constants the node reads (fx get_attr targets, ONNX initializers), ws a module's weight shape
     fg    traced stage only: the node whose fused module this node will become part of (the box around them)
 
@@ -160,6 +162,8 @@ def fx_stage(gm: fx.GraphModule, stage: Stage, *, why: dict[str, str] | None = N
             _describe_qdq(gm, rec, node, quantize)
         else:
             rec.update(o=getattr(node.target, "__name__", str(node.target)), k="op")
+        if meta is not None and meta.shape is None and meta.leaf is None and rec["k"] == "op":
+            rec["s"] = 1  # not a tensor: shape arithmetic (x.shape, getitem, eq, _assert), hidden by default
         if meta is not None:
             if meta.rule is not None:
                 rec["rule"], rec["rk"] = meta.rule, meta.kind
@@ -280,6 +284,7 @@ def onnx_stage(model, stage: Stage, *, float_names: dict[str, str] | None = None
     shapes = _onnx_shapes(graph)
     producer: dict[str, int] = {}
     float_tensor: dict[str, bool] = {}
+    shape_only: set[str] = set()  # tensors computed from shapes alone (Shape -> Gather -> Concat -> Reshape's shape)
     for vi in graph.input:
         float_tensor[vi.name] = vi.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
     for name, t in inits.items():
@@ -315,6 +320,10 @@ def onnx_stage(model, stage: Stage, *, float_names: dict[str, str] | None = None
         if group:
             rec["g"] = group
         op = node.op_type
+        live = [x for x in node.input if x and x not in inits]
+        if op in ("Shape", "Size") or (live and all(x in shape_only for x in live)):
+            rec["s"] = 1
+            shape_only.update(node.output)
         first = next((x for x in node.input if x and x not in inits), None)
         reads_float = float_tensor.get(first, True) if first is not None else False
         if op in QUANTIZE_OPS or op in DEQUANTIZE_OPS:
@@ -346,7 +355,7 @@ def onnx_stage(model, stage: Stage, *, float_names: dict[str, str] | None = None
             if integer:
                 zps = [x for x in node.input if x in inits and inits[x].data_type in (TensorProto.UINT8, TensorProto.INT8)]
                 rec["b"] = 8 if zps else None
-            elif islands and reads_float and op not in ("Shape", "Gather", "Unsqueeze", "Concat") or name in float_names:
+            elif islands and reads_float and "s" not in rec or name in float_names:
                 rec["k"] = "float"
             if name in float_names:
                 rec["why"] = float_names[name]

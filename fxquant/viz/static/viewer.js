@@ -16,7 +16,7 @@
 
   const state = {
     stage: 0, diff: false, a: 0, b: 0, overlay: DATA.overlays.length ? 0 : -1,
-    expanded: new Set([""]), selected: null, panels: [], layoutCount: 0, lastLayoutMs: 0,
+    expanded: new Set([""]), selected: null, hideShapes: true, panels: [], layoutCount: 0, lastLayoutMs: 0,
     search: { q: "", hits: [], at: -1 },
   };
   const models = new Map();  // stage index -> prepared model
@@ -248,6 +248,7 @@
     const index = new Map();  // elk id -> {kind, ...}
     const add = (container, g) => {
       for (const it of g.items) {
+        if (it.n !== undefined && state.hideShapes && m.nodes[it.n].s) continue;
         if (it.n !== undefined) {
           const n = m.nodes[it.n];
           const el = { id: "n:" + it.n, width: nodeSize(n), height: NODE_H };
@@ -268,7 +269,9 @@
     const seen = new Set();
     const rep = m.nodes.map((_, i) => representative(m, i));
     m.nodes.forEach((n, j) => {
+      if (state.hideShapes && n.s) return;
       for (const i of n.i) {
+        if (state.hideShapes && m.nodes[i].s) continue;
         const a = rep[i], b = rep[j];
         if (a === b) continue;
         const key = a + ">" + b;
@@ -516,6 +519,10 @@
 
   async function select(name, opts = {}) {
     state.selected = name;
+    const here = find(currentModel(), name);
+    if (opts.reveal && here !== undefined && currentModel().nodes[here].s && state.hideShapes) {  // show what was asked for
+      state.hideShapes = false; $("show-shapes").checked = true;
+    }
     if (opts.reveal) { reveal(name); await relayout(name); } else if (opts.center) { for (const p of state.panels) centerOn(p, "n:" + name); }
     markSelection();
     showDetails(name);
@@ -823,6 +830,7 @@
     $("expand-all").addEventListener("click", () => run(async () => { expandAll(); await relayout(); for (const p of state.panels) fit(p); }));
     $("collapse-all").addEventListener("click", () => run(async () => { state.expanded = new Set([""]); await relayout(); for (const p of state.panels) fit(p); }));
     $("fit").addEventListener("click", () => state.panels.forEach(fit));
+    $("show-shapes").addEventListener("change", (ev) => run(async () => { state.hideShapes = !ev.target.checked; await relayout(); }));
     window.addEventListener("resize", () => state.panels.forEach(fit));
     document.addEventListener("keydown", (ev) => {  // "/" searches, Escape clears the search and the selection
       if (ev.key === "/" && document.activeElement !== $("search")) { ev.preventDefault(); $("search").focus(); }
