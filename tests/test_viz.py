@@ -35,7 +35,7 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    """stem conv-bn-relu, a residual block (module path 'block'), a cumsum no backend row claims, a linear head."""
+    """stem conv-bn-relu, a residual block (module path "block"), a reshape by x.shape[0], a linear head."""
 
     def __init__(self):
         super().__init__()
@@ -356,3 +356,34 @@ def test_several_inputs_by_shape(tmp_path):
     result = viz(TwoInputs().eval(), output=tmp_path / "p.html", input_shape=["1,3,4,4", (1, 2)], stages=["traced"])
     inputs = [n for n in stage(page_data(tmp_path / "p.html"), "traced")["nodes"] if n["k"] == "input"]
     assert result.stages["traced"] > 0 and [n["sh"] for n in inputs] == ["1×3×4×4", "1×2"]
+
+
+class FloatIsland(nn.Module):
+    """conv -> LayerNorm (float by the backend's layer_norm row) -> conv; `cumsum=True` adds an op no row claims
+    and that the exporter has no converter for."""
+
+    def __init__(self, cumsum=False):
+        super().__init__()
+        self.a, self.b, self.ln, self.cumsum = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.LayerNorm(4), cumsum
+
+    def forward(self, x):
+        x = self.ln(self.a(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.b(torch.cumsum(x, 3) if self.cumsum else x)
+
+
+def test_float_ops_carry_the_reason_and_are_islands_in_ort(tmp_path):
+    viz(FloatIsland().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html")
+    data = page_data(tmp_path / "p.html")
+    ln = by_name(stage(data, "fake-quant"))["ln"]
+    assert ln["k"] == "float" and ln["why"] == "float by rule: backend row 'layer_norm'"
+    ort = stage(data, "ort")["nodes"]
+    assert {n["o"] for n in ort if n["k"] == "float"} == {"LayerNormalization"}
+    assert next(n for n in ort if n["o"] == "LayerNormalization")["why"].startswith("float by rule")
+    assert sum(n["k"] == "int" for n in ort) == 2  # the two convs run as QLinearConv around the float island
+
+
+def test_an_op_the_exporter_lacks_stops_at_the_onnx_stage(tmp_path):
+    result = viz(FloatIsland(cumsum=True).eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html")
+    assert result.stages["int8"] > 0 and result.stages["onnx"] == -1 and "cumsum" in result.errors["onnx"]
+    cumsum = by_name(stage(page_data(tmp_path / "p.html"), "fake-quant"))["cumsum"]
+    assert cumsum["k"] == "float" and "no backend rule" in cumsum["why"]
