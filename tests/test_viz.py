@@ -142,6 +142,16 @@ def test_shape_arithmetic_is_flagged_and_nothing_else(net_page):
         n["o"] in ("Shape", "Gather", "Unsqueeze", "Concat") for n in stage(data, "onnx")["nodes"] if n.get("s"))
 
 
+def test_each_stage_as_a_networkx_graph(net_page):
+    import networkx as nx
+
+    _, _, _, result, data = net_page
+    g = result.graphs["fake-quant"]
+    assert g.number_of_nodes() == len(stage(data, "fake-quant")["nodes"]) and nx.is_directed_acyclic_graph(g)
+    assert g.has_edge("stem", "stem_fq") and g.nodes["stem_fq"]["k"] == "fq"
+    assert "block_conv" in nx.ancestors(g, "fc")
+
+
 def test_sqnr_overlay_is_per_layer_and_falls_with_depth(net_page):
     _, _, _, result, data = net_page
     (o,) = data["overlays"]
@@ -335,8 +345,9 @@ def test_cli(tmp_path, capsys):
     overlay.write_text(json.dumps({"0": 1.0, "ghost": 2.0}))
     out = tmp_path / "page.html"
     assert main(["viz", f"{src}:Net", "--input-shape", "1,3,8,8", "--overlay", str(overlay), "-o", str(out),
-                 "--dot", str(tmp_path / "g.dot")]) == 0
+                 "--dot", str(tmp_path / "g.dot"), "--stages", "traced,fake-quant"]) == 0
     captured = capsys.readouterr()
+    assert [st["id"] for st in page_data(out)["stages"]] == ["traced", "fake-quant"]
     assert f"wrote {out}" in captured.out and "ghost" in captured.err
     assert out.exists() and (tmp_path / "g.dot").exists()
     assert main(["viz", "nope", "-o", str(tmp_path / "x.html")]) == 1

@@ -37,6 +37,7 @@ class VizResult:
 
     path: str
     files: list[str] = field(default_factory=list)
+    graphs: dict = field(default_factory=dict, repr=False)  # stage id -> networkx.DiGraph (Stage.to_networkx)
     stages: dict[str, int] = field(default_factory=dict)  # stage id -> node count (-1: the stage failed)
     errors: dict[str, str] = field(default_factory=dict)
     overlays: list[str] = field(default_factory=list)
@@ -185,6 +186,8 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
     result.files.append(result.path)
     for s in stage_list:
         result.stages[s.id] = -1 if s.error else len(s.nodes)
+        if not s.error:
+            result.graphs[s.id] = s.to_networkx()
         if s.error:
             result.errors[s.id] = s.error
     if dot or svg or png:

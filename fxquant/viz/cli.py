@@ -11,7 +11,8 @@ from fxquant.viz import STAGE_IDS, viz
 def _run(args: argparse.Namespace) -> int:
     result = viz(args.model, output=args.output, input_shape=args.input_shape, overlay=args.overlay or None,
                  overlay_better=args.overlay_better, sqnr=args.sqnr, dot=args.dot, svg=args.svg, png=args.png,
-                 model_explorer=args.model_explorer, dot_stage=args.stage, backend=args.backend)
+                 model_explorer=args.model_explorer, dot_stage=args.stage, backend=args.backend,
+                 stages=args.stages.split(",") if args.stages else None)
     counts = ", ".join(f"{sid} {'failed' if n < 0 else n}" for sid, n in result.stages.items())
     print(f"wrote {result.path} (stages: {counts})")
     for path in result.files[1:]:
@@ -45,5 +46,7 @@ def add_parser(commands) -> None:
     p.add_argument("--png", metavar="PATH", help="also draw that stage as PNG (needs Graphviz's dot program)")
     p.add_argument("--stage", choices=STAGE_IDS, help="the stage --dot/--svg/--png draw (default: fake-quant, else the last)")
     p.add_argument("--model-explorer", metavar="PATH", help="also write the overlays as Google Model Explorer node data JSON")
+    p.add_argument("--stages", metavar="A,B", help=f"only these stages (some of {','.join(STAGE_IDS)}); the pipeline stops "
+                   "after the last one asked for")
     p.add_argument("--backend", default="onnxruntime", help="fxquant backend (default: onnxruntime)")
     p.set_defaults(run=_run)

@@ -63,6 +63,17 @@ class Stage:
     def names(self) -> dict[str, int]:
         return {node["n"]: i for i, node in enumerate(self.nodes)}
 
+    def to_networkx(self):
+        """The stage as a networkx.DiGraph: one node per drawn node (keyed by name, the record's fields as
+        attributes), one edge per input; for analysis next to the page (descendants, paths, matching)."""
+        import networkx as nx
+
+        g = nx.DiGraph(stage=self.id)
+        for rec in self.nodes:
+            g.add_node(rec["n"], **{k: v for k, v in rec.items() if k not in ("n", "i")})
+        g.add_edges_from((self.nodes[i]["n"], rec["n"]) for rec in self.nodes for i in rec["i"])
+        return g
+
     def as_json(self) -> dict:
         return {"id": self.id, "label": self.label, "pass": self.made_by, "nodes": self.nodes, "error": self.error,
                 "notes": self.notes}
