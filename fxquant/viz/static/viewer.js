@@ -834,6 +834,11 @@
     window.addEventListener("resize", () => state.panels.forEach(fit));
     document.addEventListener("keydown", (ev) => {  // "/" searches, Escape clears the search and the selection
       if (ev.key === "/" && document.activeElement !== $("search")) { ev.preventDefault(); $("search").focus(); }
+      else if ((ev.key === "ArrowLeft" || ev.key === "ArrowRight") && !["INPUT", "SELECT"].includes(document.activeElement.tagName)) {
+        const ok = DATA.stages.map((st, i) => (st.error ? -1 : i)).filter((i) => i >= 0);  // previous / next stage
+        const at = ok.indexOf(state.diff ? state.b : state.stage) + (ev.key === "ArrowLeft" ? -1 : 1);
+        if (at >= 0 && at < ok.length) setStage(ok[at]);
+      }
       else if (ev.key === "Escape") { $("search").value = ""; runSearch(""); state.selected = null; markSelection(); remember(); }
     });
   }
