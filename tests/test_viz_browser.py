@@ -150,6 +150,18 @@ def test_stage_selector_changes_the_drawing(net):
     assert net.page.locator("g.node.selected").get_attribute("data-name") == "stem"
 
 
+def test_arrow_keys_step_through_the_stages(net):
+    active = lambda: net.page.locator("#stages button.active").get_attribute("data-stage")  # noqa: E731
+    assert active() == "fake-quant"
+    net.page.keyboard.press("ArrowLeft")
+    net.idle()
+    assert active() == "annotated"
+    net.page.keyboard.press("ArrowRight")
+    net.page.keyboard.press("ArrowRight")
+    net.idle()
+    assert active() == "int8" and net.page.locator(".panel").get_attribute("data-stage") == "int8"
+
+
 def test_diff_view_side_by_side_with_selection_in_both(net):
     net.page.select_option("#diff-a", label="traced")
     net.idle()

@@ -457,10 +457,12 @@
 
   // ------------------------------------------------------------------ actions
   let busy = 0;
-  async function run(fn) {
+  let queue = Promise.resolve();
+  function run(fn) {  // actions run one after another (a click during a layout waits for it); body[data-busy] says when all are done
     busy++; document.body.dataset.busy = "1";
-    try { return await fn(); }
-    finally { busy--; if (!busy) document.body.dataset.busy = "0"; }
+    const done = queue.then(fn).finally(() => { busy--; if (!busy) document.body.dataset.busy = "0"; });
+    queue = done.catch((err) => console.error("fxquant viz:", err));
+    return done;
   }
 
   async function render(opts = {}) {
