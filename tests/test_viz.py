@@ -398,3 +398,16 @@ def test_an_op_the_exporter_lacks_stops_at_the_onnx_stage(tmp_path):
     assert result.stages["int8"] > 0 and result.stages["onnx"] == -1 and "cumsum" in result.errors["onnx"]
     cumsum = by_name(stage(page_data(tmp_path / "p.html"), "fake-quant"))["cumsum"]
     assert cumsum["k"] == "float" and "no backend rule" in cumsum["why"]
+
+
+def test_vendored_elkjs_is_the_recorded_file():
+    import hashlib
+    from importlib import resources
+
+    from fxquant.viz.outputs import ELK_VERSION
+
+    static = resources.files("fxquant.viz").joinpath("static")
+    note = static.joinpath("VENDORED.md").read_text()
+    digest = hashlib.sha256(static.joinpath("elk.bundled.js").read_bytes()).hexdigest()
+    assert f"`elk.bundled.js` sha256: {digest}" in note and f"elkjs {ELK_VERSION}" in note
+    assert "Eclipse Public License - v 2.0" in static.joinpath("ELKJS-LICENSE.md").read_text()
