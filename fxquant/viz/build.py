@@ -132,7 +132,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
         except Exception as exc:  # noqa: BLE001
             built.stages.append(Stage("onnx", "ONNX (QDQ)", "export_onnx", error=_stage_error("onnx", exc)))
             return built
-        built.stages.extend(_onnx_file_stages(path, float_names=reasons, keep=keep, scopes=False))
+        built.stages.extend(_onnx_file_stages(path, float_names=reasons, keep=keep, scopes=False, check=False))
     return built
 
 
@@ -151,8 +151,9 @@ def _trace_error(exc: FxQuantError, example_inputs: tuple) -> FxQuantError:
                         f"--input-shape): {str(exc).splitlines()[0]}. Give the shape the model's forward expects, e.g. --input-shape 1,3,224,224")
 
 
-def load_onnx(path) -> "object":
-    """The ModelProto at `path`, checked; a corrupt or truncated file raises FxQuantError naming it."""
+def load_onnx(path, *, check: bool = True) -> "object":
+    """The ModelProto at `path`, checked (`check`: onnx.checker; a file export_onnx just wrote needs none); a
+    corrupt or truncated file raises FxQuantError naming it."""
     import onnx
 
     path = os.fspath(path)
@@ -164,6 +165,8 @@ def load_onnx(path) -> "object":
         raise FxQuantError(f"{path}: not a readable ONNX file (corrupt or truncated?): {type(exc).__name__}: {exc}") from exc
     if not model.graph.node:
         raise FxQuantError(f"{path}: the ONNX file holds no graph nodes (corrupt, truncated, or not an ONNX model)")
+    if not check:
+        return model
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001
@@ -172,11 +175,11 @@ def load_onnx(path) -> "object":
     return model
 
 
-def _onnx_file_stages(path: str, *, float_names: dict[str, str], keep, scopes: bool) -> list[Stage]:
+def _onnx_file_stages(path: str, *, float_names: dict[str, str], keep, scopes: bool, check: bool = True) -> list[Stage]:
     """The file's own graph, then ONNX Runtime's optimised one (what it runs: QLinearConv, QGemm, ...)."""
     from fxquant.check import ort_session
 
-    model = load_onnx(path)
+    model = load_onnx(path, check=check)
     out = []
     onnx_s = onnx_stage(model, Stage("onnx", "ONNX (QDQ)", "export_onnx"), float_names=float_names, scopes=scopes)
     if keep("onnx"):
