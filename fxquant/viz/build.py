@@ -217,7 +217,7 @@ def onnx_file_stages(path) -> Built:
     with tempfile.TemporaryDirectory(prefix="fxquant-viz-") as tmp:
         copy_path = os.path.join(tmp, "model.onnx")
         onnx.save(model, copy_path)  # ONNX Runtime writes its optimised graph next to the file it reads
-        stages = _onnx_file_stages(copy_path, float_names=float_names, keep=lambda sid: True, scopes=scopes)
+        stages = _onnx_file_stages(copy_path, float_names=float_names, keep=lambda sid: True, scopes=scopes, check=False)
     return Built(stages=stages, metadata=meta)
 
 
