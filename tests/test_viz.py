@@ -411,3 +411,19 @@ def test_vendored_elkjs_is_the_recorded_file():
     digest = hashlib.sha256(static.joinpath("elk.bundled.js").read_bytes()).hexdigest()
     assert f"`elk.bundled.js` sha256: {digest}" in note and f"elkjs {ELK_VERSION}" in note
     assert "Eclipse Public License - v 2.0" in static.joinpath("ELKJS-LICENSE.md").read_text()
+
+
+def test_an_onnx_file_from_elsewhere_nests_by_scope_names(tmp_path):
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="/layer1/layer1.0/act/Relu"),
+             helper.make_node("Neg", ["a"], ["y"], name="/head/Neg")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    result = viz(str(tmp_path / "m.onnx"), output=tmp_path / "p.html")
+    assert result.stages == {"onnx": 4, "ort": 4}  # input, Relu, Neg, output
+    nodes = by_name(stage(page_data(tmp_path / "p.html"), "onnx"))
+    assert nodes["/layer1/layer1.0/act/Relu"]["g"] == "layer1.0.act" and nodes["/head/Neg"]["g"] == "head"
+    assert nodes["/head/Neg"]["sh"] == "1×4"  # the graph output's declared shape
