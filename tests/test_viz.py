@@ -131,7 +131,9 @@ def test_fused_nodes_list_what_they_absorbed_and_keep_their_module_path(net_page
     assert fused["block_conv"]["g"] == "block" and fused["add"]["g"] == "block" and fused["stem"].get("g", "") == ""
     fq = by_name(stage(data, "fake-quant"))
     assert fq["block_conv_fq"]["g"] == "block"  # a pass-made node is placed by the name it extends
-    assert by_name(stage(data, "int8"))["block_conv_w_dq"]["g"] == "block"
+    int8 = by_name(stage(data, "int8"))
+    assert int8["block_conv_w_dq"]["g"] == "block"
+    assert {n for n, r in int8.items() if r.get("fg") == "stem"} == {"stem", "stem_conv2d", "stem_w_dq", "stem_b_dq"}
 
 
 def test_shape_arithmetic_is_flagged_and_nothing_else(net_page):

@@ -197,6 +197,7 @@ def test_search_finds_and_reveals_a_node(net):
 def test_a_link_opens_the_page_at_a_stage_and_node(browser, net_files, net):
     net.page.click("#stages button[data-stage=int8]")
     net.idle()
+    assert net.page.locator("rect.fusion[data-fusion=stem]").count() == 1  # the stem's DQs, conv and ReLU boxed
     net.page.click("g.node[data-name=block_conv_w_dq]")
     url = net.page.url
     assert url.endswith("#stage=int8&node=block_conv_w_dq")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import FxQuantError
-from fxquant.viz.build import absorbed_by_fusion, assign_groups, model_stages, onnx_file_stages
+from fxquant.viz.build import absorbed_by_fusion, assign_groups, lowered_layers, model_stages, onnx_file_stages
 from fxquant.viz.outputs import ELK_VERSION, dot_source, render_dot, render_page, write_atomic
 from fxquant.viz.overlay import check_names, layer_sqnr, load_overlay, model_explorer_data, model_explorer_paths
 
@@ -160,6 +160,7 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
                            f"got {type(model).__name__}")
     stage_list = built.stages
     absorbed_by_fusion(stage_list)
+    lowered_layers(stage_list)
     assign_groups(stage_list)
     if sqnr:
         if built.traced is None or built.qmodel is None:

@@ -289,6 +289,24 @@ def absorbed_by_fusion(stages: list[Stage]) -> None:
                 rec["ab"] = absorbed[rec["n"]] + rec.get("ab", [])
 
 
+LOWERED_PARTS = ("", "_conv2d", "_linear", "_w_dq", "_b_dq", "_b_dq/scale")  # lower_to_int8's names for one layer
+
+
+def lowered_layers(stages: list[Stage]) -> None:
+    """In the int8 and ONNX stages, the nodes one weighted layer was lowered to (its weight and bias DQ, the
+    conv/linear, the activation that kept the layer's name) share `fg`: the page boxes them as one layer."""
+    weighted = {r["n"] for s in stages if s.id == "fake-quant" and not s.error for r in s.nodes if "w" in r}
+    for stage in stages:
+        if stage.id not in ("int8", "onnx") or stage.error:
+            continue
+        names = stage.names()
+        for host in weighted:
+            parts = [names[host + p] for p in LOWERED_PARTS if host + p in names]
+            if len(parts) > 1:
+                for i in parts:
+                    stage.nodes[i]["fg"] = host
+
+
 def assign_groups(stages: list[Stage]) -> None:
     """Give every node a module path `g`: its own (traced nodes: nn_module_stack), or the one its name had in an
     earlier stage, or that of the longest known name it extends (layer1_0_conv1_fq -> layer1_0_conv1's), or its

@@ -22,7 +22,8 @@ A node is a dict with short keys (the page holds ~10^5 of them for a 10,000-bloc
     s     1 when the value is not a tensor of data (shape arithmetic: x.shape, getitem on it, ONNX Shape -> Gather):
           the page hides these by default
     c     the constants the node reads (fx get_attr targets, ONNX initializers), ws a module's weight shape
-    fg    traced stage only: the node whose fused module this node will become part of (the box around them)
+    fg    the layer a node belongs to, for the box around them: in the traced stage the node whose fused module
+          it will become part of; in the int8 and ONNX stages the layer it was lowered from (weight DQ, conv, act)
 
 Constants (fx get_attr, ONNX initializers and Constant nodes) are not drawn: each node lists the ones it
 reads in `c`, so a weight's int8 tensor does not become a box of its own.

@@ -345,13 +345,13 @@
         el("path", { class: "edge" + (panel.layout.agg.get(e.id) ? " agg" : ""), d: "M" + pts.map((p) => `${p.x},${p.y}`).join("L"), "marker-end": "url(#arrow)" }, gEdges);
       }
     }
-    for (const [host, rects] of fusion) {  // a fusion group: the traced nodes one fused module will replace
+    for (const [host, rects] of fusion) {  // the traced nodes one fused module will replace; the int8/ONNX nodes of one layer
       if (rects.length < 2) continue;
       const x0 = Math.min(...rects.map((r) => r.x)) - 5, y0 = Math.min(...rects.map((r) => r.y)) - 5;
       const x1 = Math.max(...rects.map((r) => r.x + r.width)) + 5, y1 = Math.max(...rects.map((r) => r.y + r.height)) + 5;
       el("rect", { class: "fusion", x: x0, y: y0, width: x1 - x0, height: y1 - y0, "data-fusion": host }, gMarks);
       const t = el("text", { class: "fusion", x: x1 + 3, y: y0 + 10 }, gMarks);
-      t.textContent = "fused → " + host;
+      t.textContent = (m.st.id === "traced" ? "fused → " : "layer ") + host;
     }
     panel.size = { w: laid.width || 100, h: laid.height || 100 };
     markSelection();
@@ -680,7 +680,7 @@
     const bits = document.createElement("div"); bits.className = "row";
     bits.innerHTML = 'border: <span class="sw" style="border-color:#2166ac"></span>8-bit <span class="sw" style="border-color:#6a51a3"></span>6–7 <span class="sw" style="border-color:#ae017e"></span>4–5 <span class="sw" style="border-color:#e7298a"></span>2–3 <span class="sw" style="border-color:#737373;border-style:dotted"></span>32 (bias)';
     lg.appendChild(bits);
-    if (m.nodes.some((n) => n.fg)) { const r = document.createElement("div"); r.className = "row"; r.innerHTML = '<span class="sw" style="border:1.5px dashed #c98f00"></span> fused group (one module after fuse_modules)'; lg.appendChild(r); }
+    if (m.nodes.some((n) => n.fg)) { const r = document.createElement("div"); r.className = "row"; r.innerHTML = '<span class="sw" style="border:1.5px dashed #c98f00"></span> ' + (m.st.id === "traced" ? "fused group (one module after fuse_modules)" : "one layer, lowered (weight/bias DQ, conv, activation)"); lg.appendChild(r); }
     if (state.diff) {
       const d = diffOf(model(state.a), model(state.b));
       const r = document.createElement("div"); r.className = "row diffsum";
