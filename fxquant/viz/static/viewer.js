@@ -58,14 +58,23 @@
         const g = groups.get(id); g.count++; g.kinds[n.k] = (g.kinds[n.k] || 0) + 1;
       }
     });
-    const byName = new Map(nodes.map((n, i) => [n.n, i]));
     const users = nodes.map(() => []);
     nodes.forEach((n, j) => n.i.forEach((i) => users[i].push(j)));
-    const absorbedBy = new Map();  // a name this stage no longer has -> the node that absorbed it (fusion, ORT kernel)
-    nodes.forEach((n, i) => (n.ab || []).forEach((a) => { if (!byName.has(a) && !absorbedBy.has(a)) absorbedBy.set(a, i); }));
-    const m = { si, st, nodes, groups, leafGroup, byName, users, absorbedBy };
+    const m = { ...stageIndex(si), groups, leafGroup, users };
     models.set(si, m);
     return m;
+  }
+
+  const indexes = new Map();  // stage index -> {si, st, nodes, byName, absorbedBy}: cheap, for lookups across stages
+  function stageIndex(si) {
+    if (indexes.has(si)) return indexes.get(si);
+    const st = DATA.stages[si], nodes = st.nodes || [];
+    const byName = new Map(nodes.map((n, i) => [n.n, i]));
+    const absorbedBy = new Map();  // a name this stage no longer has -> the node that absorbed it (fusion, ORT kernel)
+    nodes.forEach((n, i) => (n.ab || []).forEach((a) => { if (!byName.has(a) && !absorbedBy.has(a)) absorbedBy.set(a, i); }));
+    const ix = { si, st, nodes, byName, absorbedBy };
+    indexes.set(si, ix);
+    return ix;
   }
 
   function chunk(g, groups, leafGroup, nodes) {
@@ -644,7 +653,7 @@
     const p = document.createElement("div");
     DATA.stages.forEach((st, si) => {
       if (st.error) return;
-      const sm = model(si), at = find(sm, name);
+      const sm = stageIndex(si), at = find(sm, name);
       if (p.childNodes.length) p.append(" · ");
       if (at === undefined) { const x = document.createElement("s"); x.textContent = st.label; p.appendChild(x); }
       else p.appendChild(link(st.label + (sm.nodes[at].n === name ? "" : ` (in ${sm.nodes[at].n})`), () => setStage(si, name)));
