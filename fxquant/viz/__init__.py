@@ -120,8 +120,7 @@ def _example_inputs(example_inputs, input_shape) -> tuple:
 
 def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=None, overlay=None, overlay_better=None,
         sqnr: bool = False, dot=None, svg=None, png=None, model_explorer=None, dot_stage: str | None = None,
-        backend: str = "onnxruntime", calib_data=None, stages=None, title: str | None = None,
-        quantize_options: dict | None = None) -> VizResult:
+        config=None, calib_data=None, stages=None, title: str | None = None, **options) -> VizResult:
     """Draw every stage of `model` on one HTML page at `output`; return what was written.
 
     model: an nn.Module, a 'package.module:attr' / 'file.py:attr' string, or the path of an .onnx file.
@@ -133,10 +132,16 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
     dot / svg / png: also write one stage (dot_stage, default the fake-quant stage, else the last one) as
         Graphviz DOT, or drawn by Graphviz's dot (needs the `dot` program: apt-get install graphviz).
     model_explorer: also write the overlays as Google Model Explorer node data (one file per overlay).
+    config / **options: how to quantize, as for fxquant.quantize (an fxquant.QuantConfig, and/or its fields as
+        keywords: backend="tensorrt", w_bits=4, target="vnni", exclude=[...]).
     calib_data: calibration batches (default: 4 seeded N(0, 1) batches of the inputs' shapes).
-    stages: stage ids to keep (default all of STAGE_IDS that apply). quantize_options: passed to
-        fxquant.prepare_passes (w_bits, a_bits, exclude, ...).
+    stages: stage ids to keep (default all of STAGE_IDS that apply).
     """
+    import fxquant
+
+    if config is not None and not isinstance(config, fxquant.QuantConfig):
+        raise FxQuantError(f"config: expected an fxquant.QuantConfig, got {type(config).__name__}")
+    config = (config or fxquant.QuantConfig()).replace(**options)
     overlays = _overlays(overlay, overlay_better)
     if stages is not None:
         unknown = [s for s in stages if s not in STAGE_IDS]
@@ -153,8 +158,7 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
         built = onnx_file_stages(model)
     elif isinstance(model, nn.Module):
         inputs = _example_inputs(example_inputs, input_shape)
-        built = model_stages(model, inputs, backend=backend, calib_data=calib_data, stages=stages, keep_float=sqnr,
-                             quantize_options=quantize_options)
+        built = model_stages(model, inputs, config=config, calib_data=calib_data, stages=stages, keep_float=sqnr)
     else:
         raise FxQuantError(f"model: expected an nn.Module, 'package.module:attr', 'file.py:attr' or an .onnx path, "
                            f"got {type(model).__name__}")

@@ -72,29 +72,35 @@ def _stage_error(stage_id: str, exc: BaseException) -> str:
     return f"{stage_id} could not be built: {type(exc).__name__}: {exc}"
 
 
-def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onnxruntime", calib_data=None,
-                 stages=None, keep_float: bool = False, quantize_options: dict | None = None) -> Built:
+def model_stages(model: nn.Module, example_inputs: tuple, *, config=None, calib_data=None, stages=None,
+                 keep_float: bool = False) -> Built:
     """Run the pipeline on a copy of `model` and snapshot every stage (see the module docstring).
 
     `example_inputs`: a tuple of tensors the model runs on (their shapes fix the traced shapes).
+    `config`: the fxquant.QuantConfig (None: the defaults).
     `calib_data`: batches for calibration (default: CALIB_BATCHES seeded N(0, 1) batches of the inputs' shapes).
     `stages`: the stage ids to keep (all by default); the pipeline still runs up to the last one asked for.
-    `quantize_options`: extra keyword arguments of fxquant.prepare_passes (w_bits, a_bits, exclude, ...).
+
+    The passes before insert_fake_quant run one by one (fxquant.prepare_passes + pipeline.run_passes) for their
+    snapshots; the fake-quant model itself is fxquant.quantize's, so it is exactly what a user gets.
     """
     import fxquant
-    from fxquant.backends import BACKEND_META, load_backend
     from fxquant.pipeline import pass_name, run_passes
 
     wanted = set(stages) if stages else None
-    rules = load_backend(backend)
+    config = config or fxquant.QuantConfig()
     built = Built(stages=[], example_inputs=example_inputs)
     keep = (lambda sid: wanted is None or sid in wanted)
-    passes = fxquant.prepare_passes(example_inputs=example_inputs, backend=rules, **(quantize_options or {}))
+    passes = fxquant.prepare_passes(config, example_inputs=example_inputs)
     gm = _copy(model).eval()
     for i, p in enumerate(passes):
         sid, label = _stage_label(pass_name(p))
         try:
-            gm = run_passes(gm, [p])
+            if sid == "fake-quant":  # quantize() = these passes + the model's meta (backend, config) + calibration
+                batches = calib_data if calib_data is not None else _random_batches(example_inputs, CALIB_BATCHES)
+                gm = fxquant.quantize(_copy(model).eval(), example_inputs, config, calib_data=batches, progress=False)
+            else:
+                gm = run_passes(gm, [p])
         except FxQuantError as exc:
             if i == 0:
                 raise _trace_error(exc, example_inputs) from exc
@@ -103,9 +109,6 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, backend: str = "onn
         if i == 0 and keep_float:
             built.traced = _copy(gm)
         if sid == "fake-quant":
-            gm.meta[BACKEND_META] = rules
-            batches = calib_data if calib_data is not None else _random_batches(example_inputs, CALIB_BATCHES)
-            fxquant.calibrate(gm, batches, n_inputs=len(example_inputs), progress=False)
             if calib_data is None:
                 built.notes.append(f"calibrated on {CALIB_BATCHES} seeded N(0, 1) batches of the input shape: pass "
                                    "calib_data for the ranges of real data")

@@ -11,8 +11,9 @@ from fxquant.viz import STAGE_IDS, viz
 def _run(args: argparse.Namespace) -> int:
     result = viz(args.model, output=args.output, input_shape=args.input_shape, overlay=args.overlay or None,
                  overlay_better=args.overlay_better, sqnr=args.sqnr, dot=args.dot, svg=args.svg, png=args.png,
-                 model_explorer=args.model_explorer, dot_stage=args.stage, backend=args.backend,
-                 stages=args.stages.split(",") if args.stages else None)
+                 model_explorer=args.model_explorer, dot_stage=args.stage, stages=args.stages.split(",") if args.stages else None,
+                 **{k: v for k, v in (("backend", args.backend), ("w_bits", args.w_bits), ("a_bits", args.a_bits),
+                                      ("target", args.target)) if v is not None})
     counts = ", ".join(f"{sid} {'failed' if n < 0 else n}" for sid, n in result.stages.items())
     print(f"wrote {result.path} (stages: {counts})")
     for path in result.files[1:]:
@@ -48,5 +49,8 @@ def add_parser(commands) -> None:
     p.add_argument("--model-explorer", metavar="PATH", help="also write the overlays as Google Model Explorer node data JSON")
     p.add_argument("--stages", metavar="A,B", help=f"only these stages (some of {','.join(STAGE_IDS)}); the pipeline stops "
                    "after the last one asked for")
-    p.add_argument("--backend", default="onnxruntime", help="fxquant backend (default: onnxruntime)")
+    p.add_argument("--backend", help="fxquant backend: onnxruntime (the default) or tensorrt")
+    p.add_argument("--target", help="where the file runs, one of the backend's targets (onnxruntime: portable, vnni)")
+    p.add_argument("--w-bits", type=int, help="weight bits, 2..8 (default 8)")
+    p.add_argument("--a-bits", type=int, help="activation bits, 2..8 (default 8)")
     p.set_defaults(run=_run)
