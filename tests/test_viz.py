@@ -429,3 +429,15 @@ def test_an_onnx_file_from_elsewhere_nests_by_scope_names(tmp_path):
     nodes = by_name(stage(page_data(tmp_path / "p.html"), "onnx"))
     assert nodes["/layer1/layer1.0/act/Relu"]["g"] == "layer1.0.act" and nodes["/head/Neg"]["g"] == "head"
     assert nodes["/head/Neg"]["sh"] == "1×4"  # the graph output's declared shape
+
+
+def test_quantize_options_reach_the_pipeline(tmp_path):
+    result = viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html", w_bits=4, a_bits=6, stages=["fake-quant"])
+    nodes = stage(page_data(tmp_path / "p.html"), "fake-quant")["nodes"]
+    assert result.stages["fake-quant"] > 0
+    assert {n["w"]["qmax"] for n in nodes if "w" in n} == {7}  # 4-bit symmetric weights: [-7, 7]
+    assert {n["b"] for n in nodes if n["k"] == "fq"} == {6}
+    with pytest.raises(FxQuantError, match="w_bits"):
+        viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "q.html", w_bits=9)
+    with pytest.raises(FxQuantError, match="config"):
+        viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "q.html", config={"w_bits": 4})
