@@ -441,3 +441,12 @@ def test_quantize_options_reach_the_pipeline(tmp_path):
         viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "q.html", w_bits=9)
     with pytest.raises(FxQuantError, match="config"):
         viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "q.html", config={"w_bits": 4})
+
+
+def test_sqnr_with_some_stages_still_matches_fused_layers(tmp_path, net_page):
+    _, x, _, full, data = net_page
+    torch.manual_seed(0)
+    result = viz(Net().eval(), x, tmp_path / "p.html", sqnr=True, stages=["onnx"])
+    assert list(result.stages) == ["onnx"]
+    values = page_data(tmp_path / "p.html")["overlays"][0]["values"]
+    assert values["stem"] == pytest.approx(data["overlays"][0]["values"]["stem"], abs=1e-3)  # against the traced ReLU

@@ -158,7 +158,8 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
         built = onnx_file_stages(model)
     elif isinstance(model, nn.Module):
         inputs = _example_inputs(example_inputs, input_shape)
-        built = model_stages(model, inputs, config=config, calib_data=calib_data, stages=stages, keep_float=sqnr)
+        needed = None if stages is None else set(stages) | ({"traced", "fused", "fake-quant"} if sqnr else set())
+        built = model_stages(model, inputs, config=config, calib_data=calib_data, stages=needed, keep_float=sqnr)
     else:
         raise FxQuantError(f"model: expected an nn.Module, 'package.module:attr', 'file.py:attr' or an .onnx path, "
                            f"got {type(model).__name__}")
@@ -169,10 +170,11 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
     if sqnr:
         if built.traced is None or built.qmodel is None:
             raise FxQuantError("sqnr=True: the fake-quant stage could not be built, so there is nothing to compare")
-        fq_stage = next(s for s in stage_list if s.id == "fake-quant") if any(s.id == "fake-quant" for s in stage_list) else None
-        absorbed = {r["n"]: r["ab"] for r in fq_stage.nodes if "ab" in r} if fq_stage else {}
+        absorbed = {r["n"]: r["ab"] for s in stage_list if s.id == "fake-quant" for r in s.nodes if "ab" in r}
         overlays.insert(0, {"name": "SQNR (dB)", "better": "higher", "unknown": [],
                             "values": layer_sqnr(built.traced, built.qmodel, built.example_inputs, absorbed)})
+    if stages is not None:  # the ones SQNR needed but the caller did not ask for go now
+        stage_list = [s for s in stage_list if s.id in stages]
     names = {r["n"] for s in stage_list for r in s.nodes}
     for o in overlays:
         check_names(o, names)
