@@ -231,13 +231,17 @@ def test_screenshot_is_not_blank(net):
 
 
 def test_a_50000_node_graph_stays_usable(browser, tmp_path):
-    data = {"title": "fxquant viz: 50k", "stages": [chain_stage(50_000, True)], "overlays": [], "notes": [], "metadata": {},
-            "elk": "0.12.1"}
+    stage = chain_stage(50_000, True)
+    values = {n["n"]: float(i) for i, n in enumerate(stage["nodes"])}  # lower is better: a group's worst is its last
+    overlay = {"name": "step", "better": "lower", "values": values, "unknown": []}
+    data = {"title": "fxquant viz: 50k", "stages": [stage], "overlays": [overlay], "notes": [], "metadata": {}, "elk": "0.12.1"}
     path = write_atomic(tmp_path / "big.html", render_page(data))
     page = Page(browser, path)
     try:
         assert page.load_s < 30, page.load_s
         assert 0 < page.page.locator("g.node, g.cgroup").count() <= 200  # collapsed, not 50,000 boxes
+        group_values = page.page.eval_on_selector_all("g.cgroup", "els => els.map(e => +e.dataset.value)")
+        assert group_values and max(group_values) == 49999  # each collapsed group shows its worst child
         start = time.perf_counter()
         page.page.fill("#search", "blocks_12345_op1")
         page.page.press("#search", "Enter")

@@ -197,7 +197,7 @@
   // ------------------------------------------------------------------ overlay
   function overlay() { return state.overlay >= 0 ? DATA.overlays[state.overlay] : null; }
   function overlayRange(o) {
-    if (!o._range) { const v = Object.values(o.values); o._range = [Math.min(...v), Math.max(...v)]; }
+    if (!o._range) { const v = Object.values(o.values); o._range = [least(v), most(v)]; }
     return o._range;
   }
   function badness(o, v) {  // 0: best value on the page .. 1: worst
@@ -225,8 +225,11 @@
   }
   function worst(o, vals) {
     if (!vals.length) return undefined;
-    return o.better === "higher" ? Math.min(...vals) : Math.max(...vals);
+    return o.better === "higher" ? least(vals) : most(vals);
   }
+  // loops, not Math.min(...v): spreading 10^5 values overflows the call stack
+  function least(v) { let x = Infinity; for (const y of v) if (y < x) x = y; return x; }
+  function most(v) { let x = -Infinity; for (const y of v) if (y > x) x = y; return x; }
   function groupValue(m, o, gid) {
     const key = "_v" + state.overlay;
     const g = m.groups.get(gid);
@@ -637,7 +640,7 @@
       if (n.dom) row(tb, "domain", n.dom);
       if (n.at) row(tb, "attributes", Object.entries(n.at).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" "));
       if (state.diff) row(tb, "diff", diffOf(model(state.a), model(state.b)).status.get(name));
-      for (const [k, o] of DATA.overlays.entries()) { const v = nodeValue(o, n); if (v !== undefined) row(tb, o.name, fmt(v) + (n.n in o.values ? "" : " (worst absorbed)")); void k; }
+      for (const o of DATA.overlays) { const v = nodeValue(o, n); if (v !== undefined) row(tb, o.name, fmt(v) + (n.n in o.values ? "" : " (worst absorbed)")); }
       if (n.why) { const w = document.createElement("div"); w.className = "why"; w.textContent = n.why; box.appendChild(w); }
       if (n.q) quantTable(box, n.k === "op" ? "quantization" : "quantization of the value", n.q, n.b);
       if (n.w) quantTable(box, "weight (fake-quantized in the module)", n.w, n.b);
