@@ -1,0 +1,249 @@
+"""fxquant.mixed_precision: a bit width per layer under a budget, solved as an integer program, then measured.
+
+    plan = fxquant.mixed_precision(model, val_data, max_drop=0.5, w_bits=4, a_bits=4)
+    qmodel = fxquant.quantize(model, example, calib_data=calib, **plan.quantize_options())
+    print(plan)      # per layer: the choice, its measured single-unit drop; predicted vs measured metric
+
+1. Costs, measured. For each width c in `bits` (w_bits = a_bits = c) one calibrated fake-quant model; per
+   unit U (the layers that share an activation fake-quant, which layer_bits requires to agree; see
+   fxquant.sensitivity) drop(U, c) = metric(float) - metric(only U's fake-quants on), on `data`. The
+   fake-quants no layer owns (a residual add's inputs) stay at the base a_bits: drop(rest) likewise.
+2. Choice, solved exactly (scipy.optimize.milp, HiGHS). Binary x[U, c] for c in bits + float, one per unit.
+   Predicted drop: sum max(drop(U, c), 0) x[U, c] + max(drop(rest), 0): additive, the assumption
+   ModelOpt's auto_quantize and HAWQ make. Model size: sum params(U) * c * x[U, c], float = 32 bits.
+     max_drop=D:  minimise size  subject to predicted drop <= D        (an accuracy floor: float - D)
+     avg_bits=B:  minimise predicted drop subject to size <= B * params (an average weight width)
+   Ties are broken towards fewer bits per layer (a zero-parameter layer such as avgpool still prefers 2 to 8).
+3. Measured. The plan is quantized through the public API (quantize(layer_bits=, exclude=), calibrate,
+   convert) and the reference int8 graph is evaluated on `data`. With max_drop, when the measured drop
+   exceeds D (drops interact; the sum is a prediction), the allowed predicted drop is lowered by the gap
+   and the program solved again, up to `rounds` times. `holdout` data, when given, is measured last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxquant.errors import FxQuantError
+from fxquant.sensitivity import Batch, all_fqs, as_batches, evaluate, format_table, only, prepare, units
+
+FLOAT = 32  # the width a float layer counts as in the model size
+
+
+@dataclass
+class UnitChoice:
+    layers: tuple[str, ...]
+    params: int
+    bits: int | None  # None: float (excluded)
+    drops: dict  # {bits or "float": measured drop with only this unit quantized at that width}
+
+
+@dataclass
+class MixedPrecision:
+    """The chosen widths, what the integer program predicted, and what quantizing that way measured."""
+
+    units: list[UnitChoice]
+    w_bits: int  # the base widths: of the fake-quants no layer owns (and the weights of any layer not listed)
+    a_bits: int
+    float_metric: float
+    predicted_metric: float
+    measured_metric: float  # the reference int8 graph on `data`
+    holdout_float_metric: float | None = None
+    holdout_metric: float | None = None  # the reference int8 graph on `holdout`
+    rest_drop: float = 0.0
+    rounds: list = field(default_factory=list)  # per solve: allowed drop, predicted, measured
+    budget: dict = field(default_factory=dict)
+
+    @property
+    def layer_bits(self) -> dict[str, tuple[int, int]]:
+        return {name: (u.bits, u.bits) for u in self.units if u.bits is not None for name in u.layers}
+
+    @property
+    def exclude(self) -> list[str]:
+        return [name for u in self.units if u.bits is None for name in u.layers]
+
+    def quantize_options(self) -> dict:
+        """Keyword arguments for fxquant.quantize that realise the plan."""
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "layer_bits": self.layer_bits, "exclude": self.exclude}
+
+    @property
+    def weight_bits(self) -> int:
+        """Model size in bits: sum over layers of parameters x width (float: 32)."""
+        return sum(u.params * (FLOAT if u.bits is None else u.bits) for u in self.units)
+
+    @property
+    def avg_weight_bits(self) -> float:
+        params = sum(u.params for u in self.units)
+        return self.weight_bits / params if params else float("nan")
+
+    @property
+    def below_8_fraction(self) -> float:
+        """The fraction of layers quantized below 8 bits."""
+        widths = [u.bits for u in self.units for _ in u.layers]
+        return sum(b is not None and b < 8 for b in widths) / len(widths)
+
+    def __str__(self) -> str:
+        choices = sorted({k for u in self.units for k in u.drops}, key=lambda k: (k == "float", k if k != "float" else 0))
+        rows = [(", ".join(u.layers), str(u.params), "float" if u.bits is None else str(u.bits),
+                 *(f"{u.drops[k]:+.2f}" if k in u.drops else "" for k in choices)) for u in self.units]
+        cols = ("unit (layers)", "params", "chosen", *(f"drop @{k}" for k in choices))
+        lines = [format_table(cols, rows),
+                 f"base W{self.w_bits}A{self.a_bits} for the fake-quants no layer owns (measured drop {self.rest_drop:+.2f})",
+                 f"float {self.float_metric:.2f}; predicted {self.predicted_metric:.2f}; measured (int8 reference) "
+                 f"{self.measured_metric:.2f}",
+                 f"weights: {self.avg_weight_bits:.2f} bits on average (float = 32); "
+                 f"{100 * self.below_8_fraction:.0f} % of layers below 8 bits"]
+        if self.holdout_metric is not None:
+            lines.append(f"held out: float {self.holdout_float_metric:.2f}, int8 reference {self.holdout_metric:.2f}")
+        return "\n".join(lines)
+
+
+def solve(drops: np.ndarray, params: np.ndarray, widths: list[int | None], *, rest_drop: float = 0.0,
+          max_drop: float | None = None, avg_bits: float | None = None, forbid=()) -> tuple[list[int], float]:
+    """The integer program. drops (units, choices) in metric points (negative ones count as 0), params (units,),
+    widths per choice (None: float); `forbid` lists earlier picks (choice index per unit) the solution must differ
+    from. Returns (the choice index per unit, the predicted drop).
+    Raises FxQuantError when no assignment meets the budget."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    if (max_drop is None) == (avg_bits is None):
+        raise FxQuantError("mixed_precision: give exactly one budget, max_drop= (metric points) or avg_bits=")
+    n_units, n_choices = drops.shape
+    bits = np.array([FLOAT if w is None else w for w in widths], dtype=float)
+    size = (params[:, None] * bits[None, :]).ravel()  # bits of weights per (unit, choice)
+    harm = np.clip(drops, 0, None).ravel()
+    tie = np.tile(bits, n_units) / (FLOAT * n_units + 1)  # < 1 in total: only breaks ties between equal sizes
+    one_each = LinearConstraint(np.kron(np.eye(n_units), np.ones(n_choices)), 1, 1)
+    if max_drop is not None:
+        budget = LinearConstraint(harm[None, :], -np.inf, max_drop - max(rest_drop, 0.0))
+        objective = size + tie + 1e-9 * harm
+    else:
+        budget = LinearConstraint(size[None, :], -np.inf, avg_bits * params.sum())
+        objective = harm + 1e-6 * tie
+    cuts = []
+    for pick in forbid:  # sum of the picked x <= units - 1: at least one unit chooses otherwise
+        row = np.zeros(n_units * n_choices)
+        row[[u * n_choices + i for u, i in enumerate(pick)]] = 1
+        cuts.append(LinearConstraint(row[None, :], -np.inf, n_units - 1))
+    res = milp(objective, constraints=[one_each, budget, *cuts], integrality=np.ones_like(objective), bounds=Bounds(0, 1))
+    if res.x is None:
+        what = f"a drop of at most {max_drop} (the fake-quants no layer owns alone cost {rest_drop:.2f})" \
+            if max_drop is not None else f"an average of {avg_bits} weight bits"
+        raise FxQuantError(f"mixed_precision: no choice of widths {widths} meets {what} ({res.message}); "
+                           "allow float layers, wider widths, a higher base a_bits or a looser budget")
+    pick = res.x.reshape(n_units, n_choices).argmax(1)
+    return [int(i) for i in pick], float(sum(max(drops[u, i], 0.0) for u, i in enumerate(pick)) + max(rest_drop, 0.0))
+
+
+def _meets(plan: MixedPrecision, max_drop: float | None) -> bool:
+    return max_drop is None or plan.float_metric - plan.measured_metric <= max_drop
+
+
+def measure(model: nn.Module, batches: list[Batch], calib, options: dict, metric=None) -> float:
+    """The metric of the reference int8 graph of `model` quantized with `options` (calibrated on `calib`)."""
+    import fxquant
+
+    qmodel = fxquant.quantize(model, batches[0].inputs, calib_data=calib, progress=False, **options)
+    return evaluate(fxquant.convert(qmodel), batches, metric)[0]
+
+
+def unit_drops(model, batches, calib, widths, *, metric=None, progress=False, **quantize_options):
+    """(units, {width: [drop per unit]}, float metric, the rest's fake-quant names): the measured cost table."""
+    from tqdm.auto import tqdm
+
+    table, groups, float_metric = {}, None, None
+    for c in tqdm(widths, desc="unit sweep", unit="width", disable=not progress):
+        _, qmodel, layers = prepare(model, batches, calib_data=calib, **{**quantize_options, "w_bits": c, "a_bits": c})
+        groups = groups or units(layers)
+        with only(qmodel, ()):
+            float_metric = evaluate(qmodel, batches, metric)[0]
+        table[c] = []
+        for g in groups:
+            with only(qmodel, [fq for layer in g for fq in layer.fqs]):
+                table[c].append(float_metric - evaluate(qmodel, batches, metric)[0])
+    owned = {fq for g in groups for layer in g for fq in layer.fqs}
+    return groups, table, float_metric, [n for n in all_fqs(qmodel) if n not in owned]
+
+
+def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, avg_bits: float | None = None,
+                    bits=(2, 4, 8), allow_float: bool = True, w_bits: int = 8, a_bits: int = 8, metric=None,
+                    calib_data=None, holdout=None, rounds: int = 4, progress: bool = True, **quantize_options) -> MixedPrecision:
+    """Choose a width per layer among `bits` (w = a) or float, under one budget; see the module docstring.
+
+    data: (inputs, targets) batches the costs are measured on and the plan checked against (a validation split).
+    max_drop: metric points below the float model allowed (floor = float - max_drop). avg_bits: the average
+    weight width allowed, float layers counting 32. w_bits/a_bits: the base widths, also tried per layer.
+    holdout: (inputs, targets) batches never used to choose, measured at the end.
+    """
+    batches = as_batches(data)
+    calib = calib_data if calib_data is not None else [b.inputs for b in batches[:8]]
+    widths = sorted(set(bits) | {w_bits})
+    if a_bits not in widths:
+        widths = sorted(set(widths) | {a_bits})
+    groups, table, float_metric, rest = unit_drops(model, batches, calib, widths, metric=metric, progress=progress,
+                                                   **quantize_options)
+    _, base_model, _ = prepare(model, batches, calib_data=calib, w_bits=w_bits, a_bits=a_bits, **quantize_options)
+    with only(base_model, rest):
+        rest_drop = float_metric - evaluate(base_model, batches, metric)[0]
+    choices = [c for c in widths if c in bits or c == w_bits] + ([None] if allow_float else [])
+    drops = np.array([[table[c][u] if c is not None else 0.0 for c in choices] for u in range(len(groups))])
+    params = np.array([sum(layer.params for layer in g) for g in groups], dtype=float)
+
+    allowed, history, best = max_drop, [], None
+    for _ in range(max(1, rounds)):
+        try:
+            pick, predicted = solve(drops, params, choices, rest_drop=rest_drop, max_drop=allowed, avg_bits=avg_bits,
+                                    forbid=[r["pick"] for r in history])
+        except FxQuantError:
+            if not history:
+                raise
+            break  # nothing left under the tightened budget: keep the best measured so far
+        plan_units = [UnitChoice(tuple(layer.name for layer in g), int(params[u]), choices[pick[u]],
+                                 {("float" if c is None else c): float(drops[u, j]) for j, c in enumerate(choices)})
+                      for u, g in enumerate(groups)]
+        plan = MixedPrecision(plan_units, w_bits, a_bits, float_metric, float_metric - predicted, math.nan,
+                              rest_drop=rest_drop, budget={"max_drop": max_drop, "avg_bits": avg_bits, "bits": list(bits)})
+        plan.measured_metric = measure(model, batches, calib, {**quantize_options, **plan.quantize_options()}, metric)
+        history.append({"pick": pick, "allowed_drop": allowed, "predicted": plan.predicted_metric, "measured": plan.measured_metric,
+                        "avg_weight_bits": plan.avg_weight_bits})
+        if best is None or not _meets(best, max_drop) or (_meets(plan, max_drop) and plan.weight_bits < best.weight_bits):
+            best = plan
+        gap = (float_metric - plan.measured_metric) - max_drop if max_drop is not None else 0.0
+        if gap <= 0:
+            break
+        # the next solve allows less predicted harm (never below what the unowned fake-quants cost) and a new pick
+        allowed = max(min(allowed, predicted) - gap, max(rest_drop, 0.0))
+    best.rounds = history
+    if holdout is not None:
+        held = as_batches(holdout, "holdout")
+        best.holdout_float_metric = evaluate(model, held, metric)[0]
+        best.holdout_metric = measure(model, held, calib, {**quantize_options, **best.quantize_options()}, metric)
+    return best
+
+
+def leave_k_float(model: nn.Module, data, ranking: list[str], *, max_drop: float, w_bits: int, a_bits: int,
+                  metric=None, calib_data=None, **quantize_options) -> tuple[int, float, dict]:
+    """The usual baseline: quantize everything at w_bits/a_bits but the k first layers of `ranking` (most
+    sensitive first), the smallest k whose reference int8 graph is within `max_drop` of float on `data`.
+    Returns (k, its metric, the quantize options)."""
+    batches = as_batches(data)
+    calib = calib_data if calib_data is not None else [b.inputs for b in batches[:8]]
+    float_metric = evaluate(model, batches, metric)[0]
+    for k in range(len(ranking) + 1):
+        options = {**quantize_options, "w_bits": w_bits, "a_bits": a_bits, "exclude": list(ranking[:k])}
+        value = measure(model, batches, calib, options, metric)
+        if float_metric - value <= max_drop:
+            return k, value, options
+    return len(ranking), value, options
+
+
+def weight_bits(model: nn.Module, layer_params: dict[str, int], options: dict) -> int:
+    """Model size in bits of `options` (w_bits, layer_bits, exclude by name) over the layers in layer_params."""
+    layer_bits, exclude = options.get("layer_bits") or {}, set(options.get("exclude") or ())
+    return sum(p * (FLOAT if name in exclude else layer_bits.get(name, (options.get("w_bits", 8),))[0])
+               for name, p in layer_params.items())
