@@ -7,9 +7,10 @@
 1. Costs, measured. For each width c in `bits` (w_bits = a_bits = c) one calibrated fake-quant model; per
    unit U (the layers that share an activation fake-quant, which layer_bits requires to agree; see
    fxquant.sensitivity) drop(U, c) = metric(float) - metric(only U's fake-quants on), on `data`. The
-   fake-quants no layer owns (a residual add's inputs) stay at the base a_bits: drop(rest) likewise.
+   fake-quants no layer owns (a residual add's inputs) form one more unit, "rest", that cannot be float
+   and takes its width from quantize's a_bits (every layer's own width is in layer_bits or exclude).
 2. Choice, solved exactly (scipy.optimize.milp, HiGHS). Binary x[U, c] for c in bits + float, one per unit.
-   Predicted drop: sum max(drop(U, c), 0) x[U, c] + max(drop(rest), 0): additive, the assumption
+   Predicted drop: sum max(drop(U, c), 0) x[U, c], rest included: additive, the assumption
    ModelOpt's auto_quantize and HAWQ make. Model size: sum params(U) * c * x[U, c], float = 32 bits.
      max_drop=D:  minimise size  subject to predicted drop <= D        (an accuracy floor: float - D)
      avg_bits=B:  minimise predicted drop subject to size <= B * params (an average weight width)
@@ -55,7 +56,8 @@ class MixedPrecision:
     measured_metric: float  # the reference int8 graph on `data`
     holdout_float_metric: float | None = None
     holdout_metric: float | None = None  # the reference int8 graph on `holdout`
-    rest_drop: float = 0.0
+    rest_bits: int | None = None  # the width of the fake-quants no layer owns (quantize's a_bits); None: there are none
+    rest_drops: dict = field(default_factory=dict)  # {width: measured drop with only those on}
     rounds: list = field(default_factory=list)  # per solve: allowed drop, predicted, measured
     budget: dict = field(default_factory=dict)
 
@@ -69,7 +71,8 @@ class MixedPrecision:
 
     def quantize_options(self) -> dict:
         """Keyword arguments for fxquant.quantize that realise the plan."""
-        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "layer_bits": self.layer_bits, "exclude": self.exclude}
+        return {"w_bits": self.w_bits, "a_bits": self.a_bits if self.rest_bits is None else self.rest_bits,
+                "layer_bits": self.layer_bits, "exclude": self.exclude}
 
     @property
     def weight_bits(self) -> int:
@@ -93,7 +96,8 @@ class MixedPrecision:
                  *(f"{u.drops[k]:+.2f}" if k in u.drops else "" for k in choices)) for u in self.units]
         cols = ("unit (layers)", "params", "chosen", *(f"drop @{k}" for k in choices))
         lines = [format_table(cols, rows),
-                 f"base W{self.w_bits}A{self.a_bits} for the fake-quants no layer owns (measured drop {self.rest_drop:+.2f})",
+                 f"fake-quants no layer owns (residual add inputs...): {self.rest_bits} bits; measured drops "
+                 + ", ".join(f"@{k} {v:+.2f}" for k, v in self.rest_drops.items()),
                  f"float {self.float_metric:.2f}; predicted {self.predicted_metric:.2f}; measured (int8 reference) "
                  f"{self.measured_metric:.2f}",
                  f"weights: {self.avg_weight_bits:.2f} bits on average (float = 32); "
@@ -103,11 +107,12 @@ class MixedPrecision:
         return "\n".join(lines)
 
 
-def solve(drops: np.ndarray, params: np.ndarray, widths: list[int | None], *, rest_drop: float = 0.0,
-          max_drop: float | None = None, avg_bits: float | None = None, forbid=()) -> tuple[list[int], float]:
+def solve(drops: np.ndarray, params: np.ndarray, widths: list[int | None], *, max_drop: float | None = None,
+          avg_bits: float | None = None, never_float=(), forbid=()) -> tuple[list[int], float]:
     """The integer program. drops (units, choices) in metric points (negative ones count as 0), params (units,),
-    widths per choice (None: float); `forbid` lists earlier picks (choice index per unit) the solution must differ
-    from. Returns (the choice index per unit, the predicted drop).
+    widths per choice (None: float); units in `never_float` (row indices) cannot take None; `forbid` lists
+    earlier picks (choice index per unit) the solution must differ from.
+    Returns (the choice index per unit, the predicted drop).
     Raises FxQuantError when no assignment meets the budget."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -120,7 +125,7 @@ def solve(drops: np.ndarray, params: np.ndarray, widths: list[int | None], *, re
     tie = np.tile(bits, n_units) / (FLOAT * n_units + 1)  # < 1 in total: only breaks ties between equal sizes
     one_each = LinearConstraint(np.kron(np.eye(n_units), np.ones(n_choices)), 1, 1)
     if max_drop is not None:
-        budget = LinearConstraint(harm[None, :], -np.inf, max_drop - max(rest_drop, 0.0))
+        budget = LinearConstraint(harm[None, :], -np.inf, max_drop)
         objective = size + tie + 1e-9 * harm
     else:
         budget = LinearConstraint(size[None, :], -np.inf, avg_bits * params.sum())
@@ -130,14 +135,18 @@ def solve(drops: np.ndarray, params: np.ndarray, widths: list[int | None], *, re
         row = np.zeros(n_units * n_choices)
         row[[u * n_choices + i for u, i in enumerate(pick)]] = 1
         cuts.append(LinearConstraint(row[None, :], -np.inf, n_units - 1))
-    res = milp(objective, constraints=[one_each, budget, *cuts], integrality=np.ones_like(objective), bounds=Bounds(0, 1))
+    upper = np.ones((n_units, n_choices))
+    if None in widths:
+        upper[list(never_float), widths.index(None)] = 0
+    res = milp(objective, constraints=[one_each, budget, *cuts], integrality=np.ones_like(objective),
+               bounds=Bounds(0, upper.ravel()))
     if res.x is None:
-        what = f"a drop of at most {max_drop} (the fake-quants no layer owns alone cost {rest_drop:.2f})" \
+        what = f"a predicted drop of at most {max_drop}" \
             if max_drop is not None else f"an average of {avg_bits} weight bits"
         raise FxQuantError(f"mixed_precision: no choice of widths {widths} meets {what} ({res.message}); "
                            "allow float layers, wider widths, a higher base a_bits or a looser budget")
     pick = res.x.reshape(n_units, n_choices).argmax(1)
-    return [int(i) for i in pick], float(sum(max(drops[u, i], 0.0) for u, i in enumerate(pick)) + max(rest_drop, 0.0))
+    return [int(i) for i in pick], float(sum(max(drops[u, i], 0.0) for u, i in enumerate(pick)))
 
 
 def _meets(plan: MixedPrecision, max_drop: float | None) -> bool:
@@ -153,7 +162,8 @@ def measure(model: nn.Module, batches: list[Batch], calib, options: dict, metric
 
 
 def unit_drops(model, batches, calib, widths, *, metric=None, progress=False, **quantize_options):
-    """(units, {width: [drop per unit]}, float metric, the rest's fake-quant names): the measured cost table."""
+    """(units, {width: [drop per unit] + [drop of the rest, when there is one]}, float metric, the rest's
+    fake-quant names): the measured cost table."""
     from tqdm.auto import tqdm
 
     table, groups, float_metric = {}, None, None
@@ -162,12 +172,13 @@ def unit_drops(model, batches, calib, widths, *, metric=None, progress=False, **
         groups = groups or units(layers)
         with only(qmodel, ()):
             float_metric = evaluate(qmodel, batches, metric)[0]
+        owned = {fq for g in groups for layer in g for fq in layer.fqs}
+        rest = [n for n in all_fqs(qmodel) if n not in owned]
         table[c] = []
-        for g in groups:
-            with only(qmodel, [fq for layer in g for fq in layer.fqs]):
+        for fqs in [[fq for layer in g for fq in layer.fqs] for g in groups] + ([rest] if rest else []):
+            with only(qmodel, fqs):
                 table[c].append(float_metric - evaluate(qmodel, batches, metric)[0])
-    owned = {fq for g in groups for layer in g for fq in layer.fqs}
-    return groups, table, float_metric, [n for n in all_fqs(qmodel) if n not in owned]
+    return groups, table, float_metric, rest
 
 
 def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, avg_bits: float | None = None,
@@ -187,17 +198,17 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
         widths = sorted(set(widths) | {a_bits})
     groups, table, float_metric, rest = unit_drops(model, batches, calib, widths, metric=metric, progress=progress,
                                                    **quantize_options)
-    _, base_model, _ = prepare(model, batches, calib_data=calib, w_bits=w_bits, a_bits=a_bits, **quantize_options)
-    with only(base_model, rest):
-        rest_drop = float_metric - evaluate(base_model, batches, metric)[0]
     choices = [c for c in widths if c in bits or c == w_bits] + ([None] if allow_float else [])
-    drops = np.array([[table[c][u] if c is not None else 0.0 for c in choices] for u in range(len(groups))])
-    params = np.array([sum(layer.params for layer in g) for g in groups], dtype=float)
+    n_rows = len(groups) + bool(rest)
+    drops = np.array([[table[c][u] if c is not None else 0.0 for c in choices] for u in range(n_rows)])
+    params = np.array([sum(layer.params for layer in g) for g in groups] + [0] * bool(rest), dtype=float)
+    never_float = [len(groups)] if rest else []
+    rest_drops = {c: table[c][-1] for c in widths} if rest else {}
 
     allowed, history, best = max_drop, [], None
     for _ in range(max(1, rounds)):
         try:
-            pick, predicted = solve(drops, params, choices, rest_drop=rest_drop, max_drop=allowed, avg_bits=avg_bits,
+            pick, predicted = solve(drops, params, choices, max_drop=allowed, avg_bits=avg_bits, never_float=never_float,
                                     forbid=[r["pick"] for r in history])
         except FxQuantError:
             if not history:
@@ -207,7 +218,7 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
                                  {("float" if c is None else c): float(drops[u, j]) for j, c in enumerate(choices)})
                       for u, g in enumerate(groups)]
         plan = MixedPrecision(plan_units, w_bits, a_bits, float_metric, float_metric - predicted, math.nan,
-                              rest_drop=rest_drop, budget={"max_drop": max_drop, "avg_bits": avg_bits, "bits": list(bits)})
+                              rest_bits=choices[pick[-1]] if rest else None, rest_drops=rest_drops, budget={"max_drop": max_drop, "avg_bits": avg_bits, "bits": list(bits)})
         plan.measured_metric = measure(model, batches, calib, {**quantize_options, **plan.quantize_options()}, metric)
         history.append({"pick": pick, "allowed_drop": allowed, "predicted": plan.predicted_metric, "measured": plan.measured_metric,
                         "avg_weight_bits": plan.avg_weight_bits})
@@ -217,7 +228,7 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
         if gap <= 0:
             break
         # the next solve allows less predicted harm (never below what the unowned fake-quants cost) and a new pick
-        allowed = max(min(allowed, predicted) - gap, max(rest_drop, 0.0))
+        allowed = max(min(allowed, predicted) - gap, 0.0)
     best.rounds = history
     if holdout is not None:
         held = as_batches(holdout, "holdout")
