@@ -398,13 +398,29 @@ def format_table(cols, rows) -> str:
     return "\n".join([line(cols), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(line, rows)])
 
 
-def plot_sensitivity(rep: SensitivityReport, stem: str) -> list[str]:
-    """Two panels, graph order: the metric drop with only / all but each layer quantized, and local vs accumulated SQNR."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, stem: str) -> list[str]:
+    """STEM.png (120 dpi) and STEM.svg; closes the figure."""
+    fig.tight_layout()
+    paths = [stem + ".png", stem + ".svg"]
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    pyplot().close(fig)
+    return paths
+
+
+def plot_sensitivity(rep: SensitivityReport, stem: str) -> list[str]:
+    """Two panels, graph order: the metric drop with only / all but each layer quantized, and local vs accumulated SQNR."""
+    plt = pyplot()
     names = [r.name for r in rep.layers]
     x = range(len(names))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.55 * len(names) + 2), 7), sharex=True)
@@ -420,12 +436,7 @@ def plot_sensitivity(rep: SensitivityReport, stem: str) -> list[str]:
     bottom.set_ylabel("SQNR (dB)")
     bottom.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
     bottom.legend(fontsize=8)
-    fig.tight_layout()
-    paths = [stem + ".png", stem + ".svg"]
-    for p in paths:
-        fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, stem)
 
 
 # ---------------------------------------------------------------- the entry point

@@ -1,0 +1,356 @@
+"""fxquant.compare: float, fake-quant, reference int8 and the ONNX file in ONNX Runtime, layer by layer, by node name.
+
+    rep = fxquant.compare(model, qmodel, int8, "model.onnx", x)     # x: a batch of inputs
+    print(rep)                      # one row per quantized value, graph order; the first divergent layer named
+    rep.save("out/compare")         # JSON (+ viewer overlays), PNG, SVG
+
+A *point* is a value the graphs quantize: a fake-quant node of `qmodel`, which `convert` turns into the int8
+graph's quantize node of the same name and `export_onnx` into a QuantizeLinear whose output has that name
+(shared-qparam ops such as maxpool add int8/ONNX points of their own, `<op>_fq`). Per point:
+
+    sqnr_*_db      10 log10(sum f^2 / sum (f - v)^2), f the float model's value there, v the fake-quant model's
+                   (fq), the int8 graph's (int8, dequantized) or ONNX Runtime's (onnx, dequantized with the same
+                   scale): the error each accumulates from the input on, against float
+    max_abs_*      max |f - v| (the value's units)
+    steps_fq_int8  teacher-forced: the fake-quant model run with every fake-quant output replaced by the int8
+                   graph's (dequantized) value at that point, max |fq - int8| in quantization steps of the point
+    steps_int8_onnx  teacher-forced: the int8 graph run with every quantize output replaced by ONNX Runtime's,
+                   max |int8 - ort| in steps (the check tools/coverage.py's layerwise_steps made)
+Teacher forcing feeds each layer the other implementation's own inputs, so a difference does not compound
+through depth: a correct file stays within one step everywhere (two float implementations round the last
+bit differently), and the first point beyond one step is the first layer the deployed file computes
+differently: `first_divergent`.
+
+The float values come from `model` traced as `quantize` traces it (same node names, BatchNorm folded, every
+fake-quant off), so a QAT model is compared with the float model it started from. `cpu=` runs ONNX Runtime
+under qemu-user as that CPU (`qemu-x86_64 -cpu Haswell`: AVX2 without VNNI; `Nehalem`: SSE4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxquant.errors import FxQuantError
+from fxquant.nn import FakeQuantize
+from fxquant.numerics import _along, dequantize, quantize
+from fxquant.sensitivity import format_table, pyplot, save_figure, sqnr_db
+
+ONE_STEP = 1 + 1e-4  # the float rounding of (q - zp) * scale itself (as fxquant.check.agreement)
+
+
+@dataclass
+class Point:
+    name: str  # the quantize node / QuantizeLinear output, e.g. "layer1_conv1_fq"
+    layer: str  # the op whose output it quantizes, e.g. "layer1_conv1" (what the graph viewer shows)
+    scale: float
+    sqnr_fq_db: float = math.nan
+    sqnr_int8_db: float = math.nan
+    sqnr_onnx_db: float = math.nan
+    max_abs_fq: float = math.nan
+    max_abs_int8: float = math.nan
+    max_abs_onnx: float = math.nan
+    steps_fq_int8: float = math.nan
+    steps_int8_onnx: float = math.nan
+
+
+@dataclass
+class CompareReport:
+    """fxquant.compare's result: `points` in the int8 graph's order."""
+
+    points: list[Point]
+    first_divergent: str | None  # the first point where ONNX Runtime is more than one step from the int8 graph
+    cpu: str | None = None
+    output_sqnr_db: dict = field(default_factory=dict)  # {"fq"|"int8"|"onnx": SQNR of the model output vs float}
+
+    def overlays(self) -> list[dict]:
+        """The graph viewer's overlays ({"name", "better", "values": {node: value}}), keyed by the layer (op)
+        name; an error-free SQNR (inf) is drawn at 200 dB, NaN values are left out."""
+        specs = [("sqnr_int8_db", "higher"), ("sqnr_onnx_db", "higher"), ("sqnr_fq_db", "higher"),
+                 ("steps_int8_onnx", "lower"), ("steps_fq_int8", "lower")]
+        out = []
+        for key, better in specs:
+            values = {}
+            for p in self.points:
+                v = getattr(p, key)
+                if not math.isnan(v):
+                    values[p.layer] = min(v, 200.0) if math.isinf(v) else v
+            if values:
+                out.append({"name": key, "better": better, "values": values})
+        return out
+
+    def to_json(self) -> dict:
+        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+        return {"format": "fxquant.compare/1", "first_divergent": self.first_divergent, "cpu": self.cpu,
+                "output_sqnr_db": {k: clean(v) for k, v in self.output_sqnr_db.items()},
+                "points": [{k: clean(v) for k, v in asdict(p).items()} for p in self.points], "overlays": self.overlays()}
+
+    def __str__(self) -> str:
+        f = lambda v, fmt: "" if math.isnan(v) else format(v, fmt)
+        cols = ("point", "SQNR fq dB", "SQNR int8 dB", "SQNR onnx dB", "max|err| int8", "steps fq~int8", "steps int8~onnx")
+        rows = [(p.name, f(p.sqnr_fq_db, ".1f"), f(p.sqnr_int8_db, ".1f"), f(p.sqnr_onnx_db, ".1f"), f(p.max_abs_int8, ".3g"),
+                 f(p.steps_fq_int8, ".0f"), f(p.steps_int8_onnx, ".0f")) for p in self.points]
+        where = f"ONNX Runtime ({self.cpu or 'this CPU'})"
+        verdict = (f"first layer where {where} leaves the int8 reference by more than one step: {self.first_divergent}"
+                   if self.first_divergent else f"{where} is within one step of the int8 reference at every layer")
+        return format_table(cols, rows) + "\n" + verdict
+
+    def save(self, stem: str) -> list[str]:
+        """STEM.json, STEM.png, STEM.svg, and one STEM.<overlay>.json per overlay (`fxquant viz --overlay`)."""
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        paths = [stem + ".json"]
+        with open(paths[0], "w") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+        for o in self.overlays():
+            paths.append(f"{stem}.{o['name']}.json")
+            with open(paths[-1], "w") as fh:
+                json.dump(o, fh, indent=1)
+        return paths + plot_sqnr({"fake-quant": self, "int8": self, "ONNX Runtime": self},
+                                 stem, keys=("sqnr_fq_db", "sqnr_int8_db", "sqnr_onnx_db"))
+
+
+# ---------------------------------------------------------------- running each implementation
+
+
+def _inputs(inputs) -> tuple:
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise FxQuantError("compare: inputs must be a tensor or a tuple of tensors (one batch)")
+    return inputs
+
+
+def _record(gm: fx.GraphModule, inputs, keep) -> dict[str, torch.Tensor]:
+    seen = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if keep(n) and isinstance(value, torch.Tensor):
+                seen[n.name] = value.detach()
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return seen
+
+
+def _float_values(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    """Every node's value in `model` traced as quantize traces it, every fake-quant off (the float model)."""
+    import fxquant
+    from fxquant.api import set_fake_quant
+
+    traced = fxquant.quantize(model, inputs, progress=False).eval()
+    set_fake_quant(traced, observe=False, enabled=False)
+    return _record(traced, inputs, lambda n: True)
+
+
+def _quantize_nodes(int8: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in int8.graph.nodes if n.op == "call_function" and n.target is quantize]
+
+
+def _qparams(int8: fx.GraphModule, node: fx.Node):
+    scale, zp = (getattr(int8, a.target) for a in node.args[1:3])
+    return scale, zp, node.args[5] if len(node.args) > 5 else None
+
+
+def _as_float(int8, node, q):
+    scale, zp, axis = _qparams(int8, node)
+    return dequantize(q, scale, zp, axis)
+
+
+def _steps(int8, node, a_float: torch.Tensor, q: torch.Tensor) -> float:
+    scale, zp, axis = _qparams(int8, node)
+    if q.numel() == 0:
+        return 0.0
+    return float((a_float - dequantize(q, scale, zp, axis)).abs().div(_along(scale, q, axis)).max())
+
+
+_QEMU_RUNNER = r"""
+import sys, numpy as np, onnxruntime as ort
+path, feeds, out = sys.argv[1:4]
+so = ort.SessionOptions(); so.log_severity_level = 3; so.intra_op_num_threads = 1
+s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+f = np.load(feeds)
+res = s.run(None, {i.name: f[i.name] for i in s.get_inputs()})
+np.savez(out, **{o.name: r for o, r in zip(s.get_outputs(), res)})
+"""
+
+
+def onnx_values(path: str, names: list[str], inputs, *, cpu: str | None = None) -> dict[str, np.ndarray]:
+    """ONNX Runtime's value of each named tensor of the file (exposed as extra graph outputs), natively or, with
+    `cpu`, under `qemu-x86_64 -cpu CPU` (a second Python process)."""
+    import onnx
+
+    from fxquant.check import ort_session
+
+    model = onnx.load(path)
+    produced = {o for n in model.graph.node for o in n.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n in produced)
+    with tempfile.TemporaryDirectory(prefix="fxquant-compare-") as tmp:
+        exposed = os.path.join(tmp, "exposed.onnx")
+        onnx.save_model(model, exposed)
+        if cpu is None:
+            session = ort_session(exposed, threads=1)
+            feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+            return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        session_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        np.savez(os.path.join(tmp, "feeds.npz"), **{n: t.cpu().numpy() for n, t in zip(session_inputs, inputs)})
+        cmd = ["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", _QEMU_RUNNER, exposed, os.path.join(tmp, "feeds.npz"),
+               os.path.join(tmp, "out.npz")]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except FileNotFoundError:
+            raise FxQuantError("compare(cpu=...): qemu-x86_64 is not installed (apt-get install qemu-user)") from None
+        if done.returncode != 0:
+            raise FxQuantError(f"compare(cpu={cpu!r}): ONNX Runtime under qemu failed: {done.stderr.strip()[-500:]}")
+        with np.load(os.path.join(tmp, "out.npz")) as f:
+            return {k: f[k] for k in f.files}
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def _check_names(int8: fx.GraphModule, path: str, qnodes: list[fx.Node]) -> None:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    in_file = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    ours = {n.name for n in qnodes}
+    missing, extra = sorted(ours - in_file), sorted(in_file - ours)
+    if missing or extra:
+        raise FxQuantError(
+            f"compare: {path} is not the file this int8 graph exports to: its QuantizeLinear outputs do not match the "
+            f"graph's quantize nodes (missing from the file: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            f"not in the graph: {extra[:5]}{'...' if len(extra) > 5 else ''}). Export it with "
+            "fxquant.export_onnx(int8, path, inputs) and compare that file")
+
+
+def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx_path: str | None, inputs, *,
+            cpu: str | None = None) -> CompareReport:
+    """Line up float, fake-quant, int8 and ONNX Runtime by node name (see the module docstring).
+
+    model: the float nn.Module; qmodel: its fake-quant GraphModule (calibrated or trained); int8: convert(qmodel);
+    onnx_path: export_onnx(int8 or qmodel, onnx_path, ...), or None to leave ONNX Runtime out; inputs: one batch,
+    a tensor (N, ...) or a tuple of tensors; cpu: None (this machine) or a qemu CPU name ("Haswell", "Nehalem").
+    """
+    inputs = _inputs(inputs)
+    if not isinstance(int8, fx.GraphModule) or not _quantize_nodes(int8):
+        raise FxQuantError("compare: int8 must be the reference int8 GraphModule from fxquant.convert(qmodel)")
+    if not isinstance(qmodel, fx.GraphModule) or not any(isinstance(m, FakeQuantize) for m in qmodel.modules()):
+        raise FxQuantError("compare: qmodel must be the fake-quant GraphModule from fxquant.quantize()")
+    qnodes = _quantize_nodes(int8)
+    if onnx_path is not None:
+        if not os.path.exists(onnx_path):
+            raise FxQuantError(f"compare: {onnx_path}: no such file")
+        _check_names(int8, onnx_path, qnodes)
+    qmodel = qmodel.eval()
+    floats = _float_values(model, inputs)
+    fq_values = _record(qmodel, inputs, lambda n: n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), FakeQuantize))
+    int8_q = _record(int8, inputs, lambda n: n.target is quantize)
+    ort = onnx_values(onnx_path, [n.name for n in qnodes], inputs, cpu=cpu) if onnx_path is not None else {}
+
+    points = []
+    for node in qnodes:
+        src = node.args[0]
+        scale, _, _ = _qparams(int8, node)
+        p = Point(node.name, src.name if isinstance(src, fx.Node) else node.name, float(scale.reshape(-1)[0]))
+        f = floats.get(p.layer)
+        candidates = {"int8": _as_float(int8, node, int8_q[node.name])}
+        if node.name in fq_values:
+            candidates["fq"] = fq_values[node.name]
+        if node.name in ort:
+            candidates["onnx"] = _as_float(int8, node, torch.from_numpy(np.asarray(ort[node.name])))
+        if f is not None and f.shape == candidates["int8"].shape:
+            for key, v in candidates.items():
+                diff = (v.double() - f.double())
+                setattr(p, f"sqnr_{key}_db", sqnr_db(float((f.double() ** 2).sum()), float((diff ** 2).sum())))
+                setattr(p, f"max_abs_{key}", float(diff.abs().max()) if diff.numel() else 0.0)
+        points.append(p)
+    by_name = {p.name: p for p in points}
+    _teacher_forced_fq(qmodel, int8, inputs, int8_q, by_name)
+    if ort:
+        _teacher_forced_onnx(int8, inputs, ort, by_name)
+    first = next((p.name for p in points if p.steps_int8_onnx > ONE_STEP), None)
+    return CompareReport(points, first, cpu, _output_sqnr(model, qmodel, int8, inputs, ort, onnx_path))
+
+
+def _output_sqnr(model, qmodel, int8, inputs, ort, onnx_path) -> dict:
+    """SQNR (dB) of each implementation's (first) output against the float model's."""
+    with torch.no_grad():
+        ref = _first(model.eval()(*inputs)).double()
+        outs = {"fq": _first(qmodel(*inputs)), "int8": _first(int8(*inputs))}
+    if ort:
+        import onnx
+
+        name = onnx.load(onnx_path, load_external_data=False).graph.output[0].name
+        outs["onnx"] = torch.from_numpy(np.asarray(ort[name]))
+    return {k: sqnr_db(float((ref ** 2).sum()), float(((v.double() - ref) ** 2).sum())) for k, v in outs.items()}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _teacher_forced_fq(qmodel, int8, inputs, int8_q, by_name):
+    """Each fake-quant's output vs the int8 graph's at that point, the fake-quant model fed the int8 values."""
+    qnode = {n.name: n for n in _quantize_nodes(int8)}
+
+    class Forced(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.name in qnode and n.op == "call_module" and isinstance(self.module.get_submodule(n.target), FakeQuantize):
+                theirs = int8_q[n.name]
+                by_name[n.name].steps_fq_int8 = _steps(int8, qnode[n.name], value, theirs)
+                value = _as_float(int8, qnode[n.name], theirs)
+            return value
+
+    with torch.no_grad():
+        Forced(qmodel).run(*inputs)
+
+
+def _teacher_forced_onnx(int8, inputs, ort, by_name):
+    """Each quantize node of the int8 graph vs ONNX Runtime's QuantizeLinear, the graph fed ONNX Runtime's integers."""
+
+    class Forced(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.target is quantize and n.name in ort:
+                theirs = torch.from_numpy(np.asarray(ort[n.name])).to(value.dtype)
+                diff = (value.to(torch.int64) - theirs.to(torch.int64)).abs()
+                by_name[n.name].steps_int8_onnx = float(diff.max()) if diff.numel() else 0.0
+                value = theirs
+            return value
+
+    with torch.no_grad():
+        Forced(int8).run(*inputs)
+
+
+# ---------------------------------------------------------------- several models against float: "what QAT improved"
+
+
+def plot_sqnr(reports: dict, stem: str, *, keys=None, title: str = "SQNR against float, per layer") -> list[str]:
+    """One line per report (label -> CompareReport), SQNR (dB) per point in graph order; STEM.png and STEM.svg.
+    `keys` picks each report's column (default sqnr_int8_db for all)."""
+    plt = pyplot()
+    keys = keys or ("sqnr_int8_db",) * len(reports)
+    first = next(iter(reports.values()))
+    names = [p.name for p in first.points]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    for (label, rep), key in zip(reports.items(), keys):
+        vals = {p.name: getattr(p, key) for p in rep.points}
+        ax.plot(range(len(names)), [min(vals.get(n, math.nan), 200.0) for n in names], "o-", label=label, markersize=4)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("SQNR vs float (dB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, stem)
