@@ -354,3 +354,53 @@ def plot_sqnr(reports: dict, stem: str, *, keys=None, title: str = "SQNR against
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, stem)
+
+
+@dataclass
+class Improvement:
+    """Per point, the int8 graph's SQNR against the float model for each quantized model (e.g. PTQ and QAT)."""
+
+    reports: dict  # label -> CompareReport (no ONNX file)
+
+    def rows(self) -> list[tuple]:
+        labels = list(self.reports)
+        first = self.reports[labels[0]]
+        by = {label: {p.name: p.sqnr_int8_db for p in rep.points} for label, rep in self.reports.items()}
+        return [(p.name, *(by[label].get(p.name, math.nan) for label in labels)) for p in first.points]
+
+    def __str__(self) -> str:
+        labels = list(self.reports)
+        gain = len(labels) == 2
+        cols = ("layer (quantize point)", *(f"{label} dB" for label in labels), *(("gain dB",) if gain else ()))
+        fmt = lambda v: "" if math.isnan(v) else f"{v:.1f}"
+        rows = [(name, *map(fmt, vals), *((fmt(vals[1] - vals[0]),) if gain else ())) for name, *vals in self.rows()]
+        outs = [rep.output_sqnr_db.get("int8", math.nan) for rep in self.reports.values()]
+        rows.append(("model output (logits)", *map(fmt, outs), *((fmt(outs[1] - outs[0]),) if gain else ())))
+        return "SQNR of the int8 reference graph against the float model, per layer\n" + format_table(cols, rows)
+
+    def to_json(self) -> dict:
+        clean = lambda v: None if not math.isfinite(v) else v
+        return {"format": "fxquant.improvement/1", "labels": list(self.reports),
+                "rows": [[name, *map(clean, vals)] for name, *vals in self.rows()],
+                "output_sqnr_db": {label: clean(rep.output_sqnr_db.get("int8", math.nan)) for label, rep in self.reports.items()},
+                "overlays": [{"name": f"sqnr_int8_db {label}", "better": "higher",
+                              "values": {p.layer: min(p.sqnr_int8_db, 200.0) for p in rep.points if not math.isnan(p.sqnr_int8_db)}}
+                             for label, rep in self.reports.items()]}
+
+    def save(self, stem: str) -> list[str]:
+        """STEM.json, STEM.png and STEM.svg (SQNR per layer, one line per model)."""
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        with open(stem + ".json", "w") as fh:
+            json.dump(self.to_json(), fh, indent=1)
+        title = "what " + " -> ".join(self.reports) + " changed: int8 SQNR against float, per layer"
+        return [stem + ".json", *plot_sqnr(self.reports, stem, title=title)]
+
+
+def improvement(model: nn.Module, qmodels: dict, inputs) -> Improvement:
+    """`compare` of each fake-quant model in `qmodels` (label -> qmodel, e.g. {"PTQ": ptq, "QAT": qat}) against the
+    float `model` on one batch `inputs`, through its reference int8 graph (convert): "what QAT improved"."""
+    import fxquant
+
+    if not qmodels:
+        raise FxQuantError("improvement: qmodels is empty; pass {label: fake-quant model}")
+    return Improvement({label: compare(model, q, fxquant.convert(q), None, inputs) for label, q in qmodels.items()})
