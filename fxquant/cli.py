@@ -1,6 +1,7 @@
 """The `fxquant` command (also `python -m fxquant`): subcommands over the library.
 
     fxquant demo [--epochs N] [--qat-epochs N] [--fast] [--out DIR] [--json PATH] [--no-progress] [--seed N]
+    fxquant sensitivity / fxquant compare: see fxquant.analysis_cli
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxquant.analysis_cli import add_commands as add_analysis_commands
 from fxquant.demo import EPOCHS, QAT_EPOCHS, run_demo
 from fxquant.errors import FxQuantError
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the split, the init and the batches (default: 0)")
     demo.set_defaults(run=_demo)
+    add_analysis_commands(commands)
     return parser
 
 

@@ -43,7 +43,7 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
 from fxquant.numerics import _along, dequantize, quantize
-from fxquant.sensitivity import format_table, pyplot, save_figure, sqnr_db
+from fxquant.sensitivity import format_table, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
 
 ONE_STEP = 1 + 1e-4  # the float rounding of (q - zp) * scale itself (as fxquant.check.agreement)
 
@@ -77,16 +77,7 @@ class CompareReport:
         name; an error-free SQNR (inf) is drawn at 200 dB, NaN values are left out."""
         specs = [("sqnr_int8_db", "higher"), ("sqnr_onnx_db", "higher"), ("sqnr_fq_db", "higher"),
                  ("steps_int8_onnx", "lower"), ("steps_fq_int8", "lower")]
-        out = []
-        for key, better in specs:
-            values = {}
-            for p in self.points:
-                v = getattr(p, key)
-                if not math.isnan(v):
-                    values[p.layer] = min(v, 200.0) if math.isinf(v) else v
-            if values:
-                out.append({"name": key, "better": better, "values": values})
-        return out
+        return [viewer_overlay(key, better, ((p.layer, getattr(p, key)) for p in self.points)) for key, better in specs]
 
     def to_json(self) -> dict:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
@@ -106,14 +97,7 @@ class CompareReport:
 
     def save(self, stem: str) -> list[str]:
         """STEM.json, STEM.png, STEM.svg, and one STEM.<overlay>.json per overlay (`fxquant viz --overlay`)."""
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        paths = [stem + ".json"]
-        with open(paths[0], "w") as fh:
-            json.dump(self.to_json(), fh, indent=1)
-        for o in self.overlays():
-            paths.append(f"{stem}.{o['name']}.json")
-            with open(paths[-1], "w") as fh:
-                json.dump(o, fh, indent=1)
+        paths = write_report(self.to_json(), self.overlays(), stem)
         return paths + plot_sqnr({"fake-quant": self, "int8": self, "ONNX Runtime": self},
                                  stem, keys=("sqnr_fq_db", "sqnr_int8_db", "sqnr_onnx_db"))
 
@@ -383,17 +367,17 @@ class Improvement:
         return {"format": "fxquant.improvement/1", "labels": list(self.reports),
                 "rows": [[name, *map(clean, vals)] for name, *vals in self.rows()],
                 "output_sqnr_db": {label: clean(rep.output_sqnr_db.get("int8", math.nan)) for label, rep in self.reports.items()},
-                "overlays": [{"name": f"sqnr_int8_db {label}", "better": "higher",
-                              "values": {p.layer: min(p.sqnr_int8_db, 200.0) for p in rep.points if not math.isnan(p.sqnr_int8_db)}}
-                             for label, rep in self.reports.items()]}
+                "overlays": self.overlays()}
+
+    def overlays(self) -> list[dict]:
+        return [viewer_overlay(f"sqnr_int8_db_{label}", "higher", ((p.layer, p.sqnr_int8_db) for p in rep.points))
+                for label, rep in self.reports.items()]
 
     def save(self, stem: str) -> list[str]:
-        """STEM.json, STEM.png and STEM.svg (SQNR per layer, one line per model)."""
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        with open(stem + ".json", "w") as fh:
-            json.dump(self.to_json(), fh, indent=1)
+        """STEM.json, STEM.<overlay>.json, STEM.png and STEM.svg (SQNR per layer, one line per model)."""
+        paths = write_report(self.to_json(), self.overlays(), stem)
         title = "what " + " -> ".join(self.reports) + " changed: int8 SQNR against float, per layer"
-        return [stem + ".json", *plot_sqnr(self.reports, stem, title=title)]
+        return paths + plot_sqnr(self.reports, stem, title=title)
 
 
 def improvement(model: nn.Module, qmodels: dict, inputs) -> Improvement:

@@ -96,8 +96,8 @@ class MixedPrecision:
                  *(f"{u.drops[k]:+.2f}" if k in u.drops else "" for k in choices)) for u in self.units]
         cols = ("unit (layers)", "params", "chosen", *(f"drop @{k}" for k in choices))
         lines = [format_table(cols, rows),
-                 f"fake-quants no layer owns (residual add inputs...): {self.rest_bits} bits; measured drops "
-                 + ", ".join(f"@{k} {v:+.2f}" for k, v in self.rest_drops.items()),
+                 *([f"fake-quants no layer owns (residual add inputs...): {self.rest_bits} bits; measured drops "
+                    + ", ".join(f"@{k} {v:+.2f}" for k, v in self.rest_drops.items())] if self.rest_bits else []),
                  f"float {self.float_metric:.2f}; predicted {self.predicted_metric:.2f}; measured (int8 reference) "
                  f"{self.measured_metric:.2f}",
                  f"weights: {self.avg_weight_bits:.2f} bits on average (float = 32); "

@@ -347,17 +347,17 @@ class SensitivityReport:
         """Most sensitive first: by the metric drop with only that layer quantized, then by the loss increase."""
         return sorted(self.layers, key=lambda r: (r.only_wa, -r.only_wa_loss))
 
-    def overlay(self) -> dict[str, dict[str, float]]:
-        """{metric: {node name: value}}: what the graph viewer (`fxquant viz`) draws on the graph. Node names are
-        the fx node names, shared by the fake-quant, the int8 graph and the ONNX file."""
-        per_node = {
-            "local_sqnr_db": lambda r: r.local_sqnr_db,
-            "accumulated_sqnr_db": lambda r: r.accumulated_sqnr_db,
-            "grad_score": lambda r: r.grad_score,
-            "drop_only_quantized": lambda r: self.float_metric - r.only_wa,
-            "drop_recovered_left_float": lambda r: r.float_wa - self.quantized_metric,
-        }
-        return {key: {node: _json_number(fn(r)) for r in self.layers for node in r.nodes} for key, fn in per_node.items()}
+    def overlays(self) -> list[dict]:
+        """The graph viewer's overlays (`fxquant viz --overlay`): {"name", "better", "values": {node name: number}}, one
+        per metric. Node names are the fx node names the fake-quant, the int8 graph and the ONNX file share."""
+        per_node = [
+            ("local_sqnr_db", "higher", lambda r: r.local_sqnr_db),
+            ("accumulated_sqnr_db", "higher", lambda r: r.accumulated_sqnr_db),
+            ("grad_score", "lower", lambda r: r.grad_score),
+            ("drop_only_quantized", "lower", lambda r: self.float_metric - r.only_wa),
+            ("gain_left_float", "lower", lambda r: r.float_wa - self.quantized_metric),
+        ]
+        return [viewer_overlay(key, better, ((node, fn(r)) for r in self.layers for node in r.nodes)) for key, better, fn in per_node]
 
     def to_json(self) -> dict:
         return {
@@ -366,7 +366,7 @@ class SensitivityReport:
             "float_metric": self.float_metric, "quantized_metric": self.quantized_metric, "float_loss": self.float_loss,
             "spearman": self.spearman, "rest_fqs": list(self.rest_fqs), "options": self.options,
             "layers": [{k: _json_number(v) if isinstance(v, float) else v for k, v in asdict(r).items()} for r in self.ranked()],
-            "overlay": self.overlay(),
+            "overlays": self.overlays(),
         }
 
     def __str__(self) -> str:
@@ -379,12 +379,30 @@ class SensitivityReport:
         return head + "\n" + format_table(cols, rows)
 
     def save(self, stem: str) -> list[str]:
-        """Write STEM.json, STEM.png and STEM.svg; returns the paths."""
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+        """Write STEM.json, one STEM.<metric>.json per overlay, STEM.png and STEM.svg; returns the paths."""
+        return write_report(self.to_json(), self.overlays(), stem) + plot_sensitivity(self, stem)
+
+
+def viewer_overlay(name: str, better: str, pairs) -> dict:
+    """An overlay in the graph viewer's format from (node, value) pairs: NaN left out, +-inf drawn at +-200
+    (an error-free layer's SQNR), as fxquant viz does with its own SQNR."""
+    values = {}
+    for node, v in pairs:
+        v = float(v)
+        if not math.isnan(v):
+            values[node] = max(-200.0, min(200.0, v))
+    return {"name": name, "better": better, "values": values}
+
+
+def write_report(doc: dict, overlays: list[dict], stem: str) -> list[str]:
+    """STEM.json (the whole report) and STEM.<overlay name>.json per overlay; returns the paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    files = [(stem + ".json", doc)] + [(f"{stem}.{o['name']}.json", o) for o in overlays if o["values"]]
+    for path, content in files:
+        with open(path, "w") as f:
+            json.dump(content, f, indent=1)
             f.write("\n")
-        return [stem + ".json", *plot_sensitivity(self, stem)]
+    return [path for path, _ in files]
 
 
 def _json_number(v: float):

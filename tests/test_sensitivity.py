@@ -216,14 +216,16 @@ def test_report_files_and_overlay_keyed_by_int8_node_names(mlp, tmp_path):
     data = _val(100)
     rep = fxquant.sensitivity(mlp, data, w_bits=4, a_bits=4, progress=False)
     paths = rep.save(str(tmp_path / "sens"))
-    assert [p.rsplit(".", 1)[1] for p in paths] == ["json", "png", "svg"]
+    assert {p.rsplit(".", 1)[1] for p in paths} == {"json", "png", "svg"}
     doc = json.load(open(paths[0]))
     int8 = fxquant.convert(fxquant.quantize(mlp, data[0][0][:1], calib_data=[data[0][0]], progress=False))
     int8_nodes = {n.name for n in int8.graph.nodes}
+    names = {o["name"]: o for o in doc["overlays"]}
     for key in ("local_sqnr_db", "accumulated_sqnr_db", "grad_score", "drop_only_quantized"):
-        overlay = doc["overlay"][key]
-        assert set(overlay) == {"fc1", "fc2", "fc3"} <= int8_nodes
-        assert all(v is None or isinstance(v, (int, float)) for v in overlay.values())
+        overlay = json.load(open(str(tmp_path / f"sens.{key}.json")))  # what `fxquant viz --overlay` reads
+        assert overlay == names[key] and overlay["better"] in ("higher", "lower")
+        assert set(overlay["values"]) == {"fc1", "fc2", "fc3"} <= int8_nodes
+        assert all(isinstance(v, float) and math.isfinite(v) for v in overlay["values"].values())
     assert "spearman" in doc and "fc1" in str(rep)
 
 
