@@ -105,18 +105,31 @@ def _number(value, what: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Batch], metric=None, loss=None) -> tuple[float, float | None]:
+def outputs_of(model: nn.Module, batches: list[Batch]) -> torch.Tensor:
+    """The model's (first) output on every batch, concatenated along dim 0."""
+    return torch.cat([_first(model(*b.inputs)) for b in batches])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], metric=None, loss=None, outputs=None) -> tuple[float, float | None]:
     """(metric over all batches at once, mean loss per sample or None): outputs and targets are concatenated
-    before `metric(outputs, targets) -> float` is called, so any metric (F1, mAP...) is exact, not averaged."""
+    before `metric(outputs, targets) -> float` is called, so any metric (F1, mAP...) is exact, not averaged.
+    `outputs` (from outputs_of) saves running the model again."""
     metric = metric or top1_percent
-    outputs = [_first(model(*b.inputs)) for b in batches]
+    outputs = outputs_of(model, batches) if outputs is None else outputs
     targets = _cat([b.targets for b in batches])
-    outputs = torch.cat(outputs)
     value = _number(metric(outputs, targets), "metric")
     mean_loss = None
     if loss is not None:
         mean_loss = _number(loss(outputs, targets), "loss") / len(outputs)
     return value, mean_loss
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(other)) in nats: >= 0, label-free, and to second order
+    the Fisher-weighted distortion (1/2 d^T F d) that the gradient score estimates. Rows: outputs (N, classes)."""
+    p_log, q_log = F.log_softmax(reference.double(), -1), F.log_softmax(other.double(), -1)
+    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
 # ---------------------------------------------------------------- layers and the fake-quants they own

@@ -256,16 +256,16 @@ def test_milp_matches_enumeration(seed):
     best = _brute_force(drops, params, widths, 1.5, never_float=[5])
     if best is None:  # no assignment meets the budget: the solver must say so
         with pytest.raises(fxquant.FxQuantError, match="no choice of widths"):
-            solve(drops, params, widths, max_drop=1.5, never_float=[5])
+            solve(drops, params, widths, max_harm=1.5, never_float=[5])
         return
-    pick, predicted = solve(drops, params, widths, max_drop=1.5, never_float=[5])
+    pick, predicted = solve(drops, params, widths, max_harm=1.5, never_float=[5])
     size = sum(params[u] * (FLOAT if widths[i] is None else widths[i]) for u, i in enumerate(pick))
     assert size == best[0] and predicted <= 1.5 + 1e-9 and widths[pick[5]] is not None
 
 
 def test_milp_infeasible_is_named():
     with pytest.raises(fxquant.FxQuantError, match="no choice of widths"):
-        solve(np.array([[3.0, 2.0]]), np.array([10.0]), [2, 4], max_drop=1.0)
+        solve(np.array([[3.0, 2.0]]), np.array([10.0]), [2, 4], max_harm=1.0)
 
 
 def test_mixed_precision_meets_the_floor_it_measures(mlp):
@@ -281,3 +281,13 @@ def test_mixed_precision_meets_the_floor_it_measures(mlp):
     assert not ({n for n, _ in q.named_modules()} & {f"{e}.weight_fq" for e in plan.exclude})
     sized = fxquant.mixed_precision(mlp, data, avg_bits=3.0, w_bits=4, a_bits=4, progress=False, rounds=1)
     assert sized.avg_weight_bits <= 3.0
+
+
+def test_mean_kl_against_torch_kl_div():
+    from fxquant.sensitivity import mean_kl
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(7, 10, generator=g), torch.randn(7, 10, generator=g)
+    expected = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="batchmean")
+    assert mean_kl(a, b) == pytest.approx(float(expected), rel=1e-5)
+    assert mean_kl(a, a) == 0.0 and mean_kl(a, b) > 0
