@@ -24,8 +24,9 @@ same whichever subset is on. Per layer (AIMET QuantAnalyzer's per-layer sweeps):
                          backward pass of the float model with per-sample losses (the diagonal-Fisher, second-order
                          estimate of the mean loss increase, nats per sample; the score NVIDIA ModelOpt's
                          auto_quantize ranks by). Needs one forward and one backward per batch for all layers.
-`spearman` reports how well grad_score ranks the layers against the measured sweep (metric drop and loss
-increase with only that layer quantized), Spearman's rho (scipy.stats.spearmanr).
+`spearman` reports how well grad_score ranks the layers against the measured sweep with only that layer
+quantized (metric drop, loss increase, and KL(float outputs || those outputs)), Spearman's rho
+(scipy.stats.spearmanr).
 """
 
 from __future__ import annotations
@@ -333,6 +334,7 @@ class LayerSensitivity:
     float_a: float
     float_wa: float
     only_wa_loss: float  # mean loss with only this layer quantized
+    only_wa_kl: float  # mean KL(float outputs || outputs with only this layer quantized), nats (mean_kl)
     local_sqnr_db: float
     accumulated_sqnr_db: float
     grad_score: float
@@ -385,7 +387,7 @@ class SensitivityReport:
     def __str__(self) -> str:
         head = (f"sensitivity at W{self.w_bits}A{self.a_bits}: float {self.float_metric:.2f}, all quantized "
                 f"{self.quantized_metric:.2f}; grad score vs measured: Spearman rho {self.spearman['drop']:+.2f} "
-                f"(metric drop), {self.spearman['loss']:+.2f} (loss increase)")
+                f"(metric drop), {self.spearman['loss']:+.2f} (loss increase), {self.spearman['kl']:+.2f} (KL)")
         cols = ("layer", "params", "only w", "only a", "only wa", "float w", "float a", "float wa", "local dB", "accum dB", "grad score")
         rows = [(r.name, str(r.params), *(f"{v:.2f}" for v in (r.only_w, r.only_a, r.only_wa, r.float_w, r.float_a, r.float_wa)),
                  f"{r.local_sqnr_db:.1f}", f"{r.accumulated_sqnr_db:.1f}", f"{r.grad_score:.2e}") for r in self.ranked()]
@@ -517,30 +519,33 @@ def sensitivity(model: nn.Module, data, *, metric=None, loss=None, calib_data=No
     groups = units(layers)
     unit_of = {layer.name: g[0].name for g in groups for layer in g}
 
-    def run(names):
+    def run(names, keep=False):
         with only(qmodel, names):
-            return evaluate(qmodel, batches, metric, loss)
+            out = outputs_of(qmodel, batches)
+        value = evaluate(qmodel, batches, metric, loss, outputs=out)
+        return (*value, out) if keep else value
 
-    float_metric, float_loss = run(())
+    float_metric, float_loss, float_out = run((), keep=True)
     quantized_metric, _ = run(every)
     errors = layer_errors(qmodel, layers, batches, loss)
     rows = []
     for layer in tqdm(layers, desc="sensitivity", unit="layer", disable=not progress):
         rest = lambda owned: [n for n in every if n not in owned]
-        only_wa, only_wa_loss = run(layer.fqs)
+        only_wa, only_wa_loss, out = run(layer.fqs, keep=True)
         node = layer.nodes[0]
         local, acc, grad = errors[node]
         rows.append(LayerSensitivity(
             layer.name, layer.nodes, unit_of[layer.name], layer.params,
             only_w=run(layer.weight_fqs)[0], only_a=run(layer.act_fqs)[0], only_wa=only_wa,
             float_w=run(rest(layer.weight_fqs))[0], float_a=run(rest(layer.act_fqs))[0], float_wa=run(rest(layer.fqs))[0],
-            only_wa_loss=only_wa_loss, local_sqnr_db=local, accumulated_sqnr_db=acc,
+            only_wa_loss=only_wa_loss, only_wa_kl=mean_kl(float_out, out), local_sqnr_db=local, accumulated_sqnr_db=acc,
             grad_score=sum(errors[n][2] for n in layer.nodes)))
     owned = {fq for layer in layers for fq in layer.fqs}
     w_bits, a_bits = quantize_options.get("w_bits", 8), quantize_options.get("a_bits", 8)
     spearman = {
         "drop": _spearman([r.grad_score for r in rows], [float_metric - r.only_wa for r in rows]),
         "loss": _spearman([r.grad_score for r in rows], [r.only_wa_loss - float_loss for r in rows]),
+        "kl": _spearman([r.grad_score for r in rows], [r.only_wa_kl for r in rows]),
     }
     options = {k: v for k, v in quantize_options.items() if isinstance(v, (int, float, str, bool))}
     return SensitivityReport(rows, float_metric, quantized_metric, float_loss, w_bits, a_bits, spearman,
