@@ -5,9 +5,13 @@ BIN := $(VENV)/bin
 # torch first, pinned: nothing installed after it may pull another torch build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv demo test clean
+.PHONY: venv system demo test clean
 
 venv: $(VENV)/.installed
+
+# system packages the tests need: qemu-user runs ONNX Runtime as other CPUs (AVX2, SSE4). CI runs as root.
+system:
+	@command -v qemu-x86_64 >/dev/null || { apt-get update && apt-get install -y --no-install-recommends qemu-user; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/fxquant demo
 
-test: venv
+test: venv system
 	$(BIN)/python -m pytest -n 2 tests
 
 clean:  # build artefacts only; `rm -rf .venv` for a new environment

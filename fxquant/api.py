@@ -82,6 +82,7 @@ def quantize(
     w_bits: int = 8,
     a_bits: int = 8,
     reduce_range: bool = False,
+    target: str | None = None,
     fake_quant: str | None = None,
     observer: str | None = None,
     layer_bits: dict | None = None,
@@ -96,8 +97,12 @@ def quantize(
     The user's model is not modified. `exclude` names modules (qualified names or types) or
     functions to keep in float. With `qat=True` the result is in train mode with observers on.
     `reduce_range=True` narrows the weights to the backend's REDUCED_WEIGHT_BITS (7 on onnxruntime,
-    so the u8 x s8 kernels of CPUs without VNNI cannot saturate). The backend is recorded in
-    `qmodel.meta["fxquant_backend"]`, where export_onnx finds it to check the file against its rules.
+    depthwise convs included). `target` names where the file will run (the backend's TARGETS; None: its
+    first). onnxruntime's "portable" (the default) is exact on every x86 CPU and ARM: the weights of the
+    integer GEMMs (conv but depthwise, linear) are 7-bit, so the u8 x s8 pair sums of CPUs without VNNI
+    cannot saturate; "vnni" keeps 8-bit weights for CPUs with AVX-VNNI / AVX512-VNNI or ARM dot product
+    (see fxquant.backends.onnxruntime). The backend and its target are recorded in
+    `qmodel.meta["fxquant_backend"]`, where export_onnx finds them to check the file and to stamp it.
 
     QAT (see fxquant.qat): qat=True keeps each conv's (and linear's) BatchNorm training, folded into the
     fake-quantized weight (fxquant.nn.ConvBnAct2d / LinearBnAct; fxquant.freeze_bn stops its statistics).
@@ -116,7 +121,7 @@ def quantize(
     check_bits("a_bits", a_bits)
     _check_choice("fake_quant", fake_quant, FAKE_QUANTS)
     _check_choice("observer", observer, OBSERVERS)
-    rules = load_backend(backend, reduce_range=reduce_range)
+    rules = load_backend(backend, reduce_range=reduce_range, target=target)
     if isinstance(exclude, (str, type)) or not isinstance(exclude, (tuple, list, set)):
         raise FxQuantError(f"exclude={exclude!r}: expected a list of module names, module types or functions")
     inputs = _as_inputs(example_inputs)

@@ -30,11 +30,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, load_backend
+from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, exposed_to_pair_sums, load_backend
 from fxquant.errors import FxQuantError
 from fxquant.specs import QuantSpec
 
 BACKEND_KEY, REDUCE_RANGE_KEY, FLOAT_NODES_KEY = "fxquant.backend", "fxquant.reduce_range", "fxquant.float_nodes"
+TARGET_KEY = "fxquant.target"
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 STORAGE = {"uint8": ("uint8", "uint4"), "int8": ("int8", "int4"), "int32": ("int32",)}  # 4-bit: a narrowed spec (opset 21)
 
@@ -205,6 +206,33 @@ def _check_weight(g: _Graph, backend: Backend, node) -> list[str]:
     return _spec_problems(g, w_dq, backend.weight, "weight", g.consts[w_dq.input[0]])
 
 
+CODE_SPAN = {np.dtype(np.uint8): 255, np.dtype(np.int8): 255}  # raw codes a kernel multiplies (4-bit: 15)
+
+
+def _check_pair_sums(g: _Graph, backend: Backend, rule: Rule, node) -> list[str]:
+    """A pair_sums row on a target with a narrow accumulator: 2 * (input code span) * max|w| must fit."""
+    x_dq, w_dq = g.input_node(node, 0), g.input_node(node, 1, through=("Transpose",))
+    if backend.target.pair_sum_max is None or x_dq is None or x_dq.op_type != DQ or w_dq is None or w_dq.op_type != DQ:
+        return []
+    w = g.consts.get(w_dq.input[0])
+    if w is None or not w.size:
+        return []
+    groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+    grouping = (groups, w.shape[1] * groups, w.shape[0]) if node.op_type == "Conv" else (1, 1, 1)
+    if not exposed_to_pair_sums(rule, *grouping):
+        return []
+    span = CODE_SPAN.get(g.qparams(x_dq)[1].dtype, 15)
+    peak = int(np.abs(w.astype(np.int64)).max())
+    if 2 * span * peak <= backend.target.pair_sum_max:
+        return []
+    limit = backend.target.pair_sum_max // (2 * span)
+    return [f"integer GEMM weights reach +-{peak}: two products of {span}-code activations sum to up to {2 * span * peak}, "
+            f"past the {backend.target.pair_sum_max} of a 16-bit pair sum (vpmaddubsw on x86 CPUs without VNNI), which "
+            f"saturates; target {backend.target.name!r} allows +-{limit}. Re-export with target='portable' (the default), "
+            "or deploy only to VNNI / ARM dot-product CPUs (target='vnni'; ONNX Runtime's session option "
+            "session.x64quantprecision=1 runs such a file exactly, slower, elsewhere)"]
+
+
 def _bias_of(g: _Graph, node) -> str | None:
     """Input 2 of Conv/Gemm; for MatMul, the bias operand of the Add after it."""
     if node.op_type in ("Conv", "Gemm"):
@@ -265,6 +293,7 @@ def _check_quantize(g: _Graph, backend: Backend, rule: Rule, node) -> list[str]:
     found = _check_inputs(g, rule, node)
     if rule.weight:
         found += _check_weight(g, backend, node)
+        found += _check_pair_sums(g, backend, rule, node)
         found += _check_bias(g, backend, node)
     return found + _check_output(g, backend, rule, node)
 
@@ -333,7 +362,8 @@ def _metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def stamp(model: onnx.ModelProto, backend: Backend, float_nodes) -> None:
     """Record in the file which backend's rules it follows and which ops the user kept float."""
-    meta = {BACKEND_KEY: backend.name, REDUCE_RANGE_KEY: str(int(backend.reduce_range)), FLOAT_NODES_KEY: ",".join(float_nodes)}
+    meta = {BACKEND_KEY: backend.name, REDUCE_RANGE_KEY: str(int(backend.reduce_range)), TARGET_KEY: backend.target.name,
+            FLOAT_NODES_KEY: ",".join(float_nodes)}
     helper.set_model_props(model, {**_metadata(model), **meta})
 
 
@@ -345,11 +375,13 @@ def _load(model) -> onnx.ModelProto:
     raise FxQuantError(f"model: expected an onnx.ModelProto or the path of an .onnx file, got {model!r}")
 
 
-def check_onnx(model, backend=None, *, float_nodes=None) -> list[Violation]:
+def check_onnx(model, backend=None, *, target: str | None = None, float_nodes=None) -> list[Violation]:
     """Every place where `model` (a ModelProto or path) breaks its backend's rules, by node name.
 
-    `backend` (a name or Backend) defaults to the one the file records; `float_nodes` (node names
-    the user kept float) to the file's list.
+    `backend` (a name or Backend) defaults to the one the file records; `target` (a deployment target of
+    that backend, e.g. "portable" or "vnni") to the one the file records, else the backend's default, so
+    a file exported for "vnni" checked as "portable" lists every integer GEMM whose weights can saturate
+    a 16-bit pair sum; `float_nodes` (node names the user kept float) defaults to the file's list.
     """
     model = _load(model)
     meta = _metadata(model)
@@ -357,7 +389,8 @@ def check_onnx(model, backend=None, *, float_nodes=None) -> list[Violation]:
         raise FxQuantError("check_onnx: the file records no fxquant backend; pass backend='onnxruntime' or 'tensorrt'")
     if backend is None:
         backend = load_backend(meta[BACKEND_KEY], reduce_range=meta.get(REDUCE_RANGE_KEY) == "1")
-    backend = load_backend(backend)
+    recorded = meta.get(TARGET_KEY) if meta.get(BACKEND_KEY) == getattr(backend, "name", backend) else None
+    backend = load_backend(backend, target=target or recorded)
     if float_nodes is None:
         float_nodes = [n for n in meta.get(FLOAT_NODES_KEY, "").split(",") if n]
     g = _Graph(model)

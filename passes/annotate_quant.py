@@ -18,6 +18,10 @@ every activation it reads, at the fake-quant that produces that activation, so a
 and of its own output when no quantized op reads it (the model's output):
     layer_bits={"fc": (8, 8)}: fc's weight, the avgpool output fc reads and the logits, at 8 bits.
 Two layers that read one activation at different a_bits are an error.
+The backend's deployment target then narrows the weight of every row with `pair_sums` (an integer GEMM
+that adds pairs of products in int16 on some CPUs) until no pair sum can saturate with the activation it
+reads (`Target.safe_weight`): on onnxruntime's portable target a conv's 8-bit weight becomes 7-bit
+[-63, 63], a depthwise conv's stays 8-bit.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import replace
 
 from torch import fx
 
-from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule
+from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, exposed_to_pair_sums
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, matches_names, op_key
 from fxquant.specs import QuantSpec, check_bits
@@ -127,6 +131,23 @@ def _apply_layer_bits(gm: fx.GraphModule, layer_bits: dict, max_w_bits: int) -> 
                 info(node).output = info(node).output.with_bits(a)  # leaves the model (logits): no reader decides
 
 
+def _grouping(module) -> tuple[int, int, int]:
+    """(groups, in channels, out channels) of a conv; (1, in, out) of a linear."""
+    if hasattr(module, "in_features"):
+        return 1, module.in_features, module.out_features
+    return module.groups, module.in_channels, module.out_channels
+
+
+def _fit_pair_sums(gm: fx.GraphModule, backend: Backend) -> None:
+    """Narrow the weights of pair_sums rows so the target's narrowest accumulator cannot saturate."""
+    for node in gm.graph.nodes:
+        meta = info(node) if KEY in node.meta else None
+        if meta is None or meta.weight is None or 0 not in meta.inputs or node.op != "call_module":
+            continue
+        if exposed_to_pair_sums(backend.rule(meta.rule), *_grouping(gm.get_submodule(node.target))):
+            meta.weight = backend.target.safe_weight(meta.weight, meta.inputs[0])
+
+
 def annotate_quant(gm: fx.GraphModule, *, backend: Backend, w_bits: int = 8, a_bits: int = 8, exclude=(),
                    fake_quant: str | None = None, observer: str | None = None, layer_bits=None) -> fx.GraphModule:
     weight = _kind(_narrow(backend.weight, w_bits), fake_quant, observer if observer in WEIGHT_OBSERVERS else None)
@@ -155,4 +176,5 @@ def annotate_quant(gm: fx.GraphModule, *, backend: Backend, w_bits: int = 8, a_b
             break
     if layer_bits:
         _apply_layer_bits(gm, layer_bits, backend.weight.bits)
+    _fit_pair_sums(gm, backend)
     return gm

@@ -142,22 +142,49 @@ def calibrated_residual(residual_cnn, image, calib_batches) -> torch.fx.GraphMod
     return fxquant.quantize(residual_cnn, (image,), calib_data=calib_batches, progress=False)
 
 
-def assert_onnx_matches_int8(model, int8, path, x, what: str = "model") -> None:
+CPUS = (None, "haswell", "nehalem")  # this CPU, AVX2 without VNNI, SSE4 (qemu-user): every test run checks all three
+
+
+def assert_file_matches_int8(int8, path, x, what: str = "model", cpus=CPUS, level: str = "extended") -> list:
+    """The file at `path` against the reference `int8` graph on `x`, on this CPU and each emulated one:
+    every quantized tensor within one step teacher-forced, and the file's own output (nothing exposed)
+    within one output step where the graph ends in a dequantize, with the same top-1. Returns the
+    fxquant.check.Layerwise of each CPU."""
+    from fxquant.check import agreement, layerwise, output_scale
+
+    with torch.no_grad():
+        ref = int8(x).numpy()
+    step, found = output_scale(int8), []
+    for cpu in cpus:
+        run = layerwise(int8, path, x, cpu=cpu, level=level)
+        on = f"{what} on {run.cpu} ({run.isa})"
+        assert run.max_steps <= 1, f"{on}: ONNX Runtime's '{run.worst}' is {run.max_steps} steps from the reference op"
+        if step is not None:
+            got = agreement(ref, run.outputs[0], step)
+            assert got.max_steps <= 1 + 1e-4 and got.top1 == 1.0, f"{on}: output {got}"
+        found.append(run)
+    return found
+
+
+def assert_onnx_matches_int8(model, int8, path, x, what: str = "model", cpus=CPUS) -> None:
     """The exported file at `path` against the reference `int8` graph on `x` (a batch size other than the
-    example's): every layer within one step teacher-forced, output SQNR >= 30 dB (or the int8 graph's own
-    SQNR against float, when the random network is noisier than that) and the same top-1."""
-    from fxquant.check import ort_session, run_onnx
-    from fxquant.tools.coverage import layerwise_steps, same_top1, sqnr_db
+    example's), on this CPU and on each emulated one: every layer within one step teacher-forced, output
+    SQNR >= 30 dB (or the int8 graph's own SQNR against float, when the random network is noisier than
+    that) and the same top-1."""
+    from fxquant.check import layerwise
+    from fxquant.tools.coverage import same_top1, sqnr_db
 
     with torch.no_grad():
         ref, floats = int8(x).numpy(), model(x).numpy()
-    got = run_onnx(ort_session(path, threads=1), x)
     assert floats.std() > 1e-3, "the float model's logits are flat: the comparison would prove nothing"
-    steps, where = layerwise_steps(int8, str(path), x)
-    assert steps <= 1, f"{what}: ONNX Runtime's '{where}' is {steps} steps from the reference op on the same inputs"
     bound = min(30.0, sqnr_db(floats, ref))
-    assert sqnr_db(ref, got) >= bound, f"{what}: ONNX Runtime vs reference int8 SQNR {sqnr_db(ref, got):.1f} dB < {bound:.1f}"
-    assert same_top1(ref, got)
+    for cpu in cpus:
+        found = layerwise(int8, path, x, cpu=cpu)
+        on = f"{what} on {found.cpu} ({found.isa})"
+        assert found.max_steps <= 1, f"{on}: ONNX Runtime's '{found.worst}' is {found.max_steps} steps from the reference op on the same inputs"
+        got = found.outputs[0]
+        assert sqnr_db(ref, got) >= bound, f"{on}: ONNX Runtime vs reference int8 SQNR {sqnr_db(ref, got):.1f} dB < {bound:.1f}"
+        assert same_top1(ref, got), f"{on}: ONNX Runtime's top-1 differs from the reference's"
 
 
 @pytest.fixture

@@ -13,8 +13,10 @@ from torch import nn
 
 import fxquant
 from fxquant.backends import Backend, load_backend
-from fxquant.check import agreement, ort_session, output_scale, run_onnx
+from fxquant.check import ort_session
 from fxquant.onnx_check import check_onnx
+
+from conftest import assert_file_matches_int8
 
 ATTENTION_ROWS = ("attention_scores", "attention_scores_bias", "attention_scores_scaled", "attention_scores_scaled_bias")
 TOKENS, DIM = 10, 16
@@ -79,11 +81,7 @@ def test_attention_logits_stay_float_and_the_matmul_stays_integer(tmp_path, scal
     assert ops["QLinearMatMul"] == 1  # p @ v: quantized in and out
     assert check_onnx(path) == []
 
-    test = _batches(1, seed=2)[0]
-    with torch.no_grad():
-        ref = int8(test).numpy()
-    ours = agreement(ref, run_onnx(ort_session(path), test), output_scale(int8))
-    assert ours.max_steps <= 1.0 + 1e-4 and ours.top1 == 1.0, ours
+    assert_file_matches_int8(int8, path, _batches(1, seed=2)[0], f"attention ({row})")  # this CPU, AVX2, SSE4
 
 
 def test_without_the_attention_rows_ort_fuses_qlinear_softmax(tmp_path):

@@ -18,13 +18,13 @@ from torch import nn
 
 import fxquant
 from fxquant.backends import BACKEND_META, FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, check_rules, load_backend
-from fxquant.check import agreement, ort_session, output_scale, run_onnx
+from fxquant.check import agreement, layerwise, ort_session, output_scale, run_onnx
 from fxquant.meta import info
 from fxquant.nn import FakeQuantize
 from fxquant.passes import decompose_ops, trace_model
 from fxquant.specs import QuantSpec
 
-from conftest import ResidualCatNet, assert_onnx_matches_int8, randomize_batchnorms
+from conftest import ResidualCatNet, assert_file_matches_int8, assert_onnx_matches_int8, randomize_batchnorms
 
 
 class EveryRow(nn.Module):
@@ -164,9 +164,12 @@ def _weight_initializers(path):
     return [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("_w_dq")]
 
 
-@pytest.mark.parametrize("reduce_range, bound", [(False, 127), (True, 63)])
-def test_reduce_range_caps_the_weights_at_seven_bits(residual_cnn, image, calib_batches, tmp_path, reduce_range, bound):
-    qmodel = fxquant.quantize(residual_cnn, image, calib_data=calib_batches, reduce_range=reduce_range, progress=False)
+@pytest.mark.parametrize("reduce_range, target, bound", [(False, "vnni", 127), (False, None, 63), (True, "vnni", 63)])
+def test_reduce_range_caps_the_weights_at_seven_bits(residual_cnn, image, calib_batches, tmp_path, reduce_range, target, bound):
+    """Every weight of ResidualCNN reaches an integer GEMM (3x3 convs, the linear): 7-bit on the portable
+    target, 8-bit on vnni unless reduce_range narrows them all."""
+    qmodel = fxquant.quantize(residual_cnn, image, calib_data=calib_batches, reduce_range=reduce_range, target=target,
+                              progress=False)
     path = tmp_path / "m.onnx"
     fxquant.export_onnx(qmodel, path, image)
     weights = _weight_initializers(path)
@@ -175,8 +178,11 @@ def test_reduce_range_caps_the_weights_at_seven_bits(residual_cnn, image, calib_
         assert w.dtype == np.int8 and np.abs(w).reshape(len(w), -1).max(1).tolist() == [bound] * len(w)
     assert _optimized_ops(path, tmp_path)["QLinearConv"] == 3
     int8 = fxquant.convert(qmodel)
-    got = _ort_agrees(int8, path, torch.randn(8, 3, 16, 16))
-    assert got.within_one_step >= 0.999, got
+    runs = {run.cpu: run for run in [layerwise(int8, path, torch.randn(8, 3, 16, 16), cpu=cpu) for cpu in (None, "haswell")]}
+    if bound == 127:  # 8-bit weights: exact where the CPU has VNNI; the AVX2 pair sums saturate somewhere
+        assert runs["haswell"].max_steps > 1, runs["haswell"]
+    else:
+        assert all(run.max_steps <= 1 for run in runs.values()), runs
 
 
 @pytest.mark.parametrize("w_bits, bound", [(8, 63), (7, 63), (4, 7)])
@@ -239,10 +245,13 @@ def test_tensorrt_quantizes_inputs_not_outputs(tensorrt_file):
 
 
 def test_tensorrt_file_runs_in_onnxruntime_within_one_step_of_the_reference(tensorrt_file):
+    """TensorRT's s8 x s8 kernels accumulate in int32: exactly what ONNX Runtime computes running the Q/DQ
+    as written (level basic, no integer kernels). Its extended level would fuse the s8 convs into MLAS
+    kernels that saturate 16-bit pair sums on AVX2 CPUs, which a TensorRT file is not made for."""
     qmodel, path, _ = tensorrt_file
     int8 = fxquant.convert(qmodel)
-    got = _ort_agrees(int8, path, torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(5)))
-    assert got.within_one_step >= 0.999 and got.max_steps <= 2 + 1e-4, got
+    assert_file_matches_int8(int8, path, torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(5)),
+                             "tensorrt file", level="basic")
 
 
 def test_the_backend_is_recorded_through_convert_and_into_the_file(tensorrt_file):

@@ -13,7 +13,7 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_deploy.main(["--quick", "--json", str(out), "--keep", str(tmp_path / "files")]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("| model | batch | fused fxquant |") and "| resnet18 | 1 | 100% |" in printed
+    assert printed.startswith("CPU: ") and "| model | batch | fused fxquant |" in printed and "| resnet18 | 1 | 100% |" in printed
     data = json.loads(out.read_text())
     (row,) = data["results"]
     assert row["fused"]["fxquant"] == 1.0 and row["fused"]["float"] == 0.0  # float: every Conv/Gemm stays float
@@ -21,6 +21,8 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path, capsys):
     assert row["ratio"]["float"] == 1.0 and all(r > 0 for r in row["ratio"].values())
     assert 0.2 < row["file_ratio"]["fxquant"] < 0.3  # int8 weights: about a quarter of float32
     assert set(data["targets"]) == set(bench_deploy.targets([bench_deploy.Result(**row)]))
+    assert data["cpu_isa"] and row["ops"]["fxquant_vnni"] == row["ops"]["fxquant"]  # 7-bit GEMMs: the same kernels
+    assert row["fused"]["fxquant_vnni"] == 1.0
     assert row["ops"]["fxquant"]["QLinearConv"] == 20 and "Conv" not in row["ops"]["fxquant"]  # resnet18's 20 convs
     assert row["ops"]["float"]["Conv"] + row["ops"]["float"].get("FusedConv", 0) == 20
     assert row["p_tie"]["ort_u8s8"] is None  # 3 rounds cannot show "faster": 1/8 by chance alone

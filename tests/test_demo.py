@@ -14,6 +14,7 @@ from fxquant.demo import DigitNet, format_table, load_digits, run_demo
 ACCURACY_KEYS = ("fp32_acc", "ptq_fake_quant_acc", "ptq_acc", "qat_fake_quant_acc", "qat_acc", "onnx_acc")
 REQUIRED_KEYS = ACCURACY_KEYS + (
     "onnx_top1_agreement", "fp32_onnx_bytes", "int8_onnx_bytes", "fp32_latency_ms", "int8_latency_ms", "latency_ratio",
+    "fp32_latency_large_ms", "int8_latency_large_ms", "latency_ratio_large", "large_batch", "cpu_isa", "target",
 )
 
 
@@ -31,6 +32,8 @@ def check_figures(r: dict) -> None:
     assert 0 < r["int8_onnx_bytes"] < r["fp32_onnx_bytes"], "the int8 ONNX file should be smaller than the float one"
     assert r["fp32_latency_ms"] > 0 and r["int8_latency_ms"] > 0
     assert r["latency_ratio"] == pytest.approx(r["fp32_latency_ms"] / r["int8_latency_ms"])
+    assert r["latency_ratio_large"] == pytest.approx(r["fp32_latency_large_ms"] / r["int8_latency_large_ms"])
+    assert r["large_batch"] > 1 and r["cpu_isa"] and r["target"] == "portable"
 
 
 def test_run_demo_fast_keeps_files_and_writes_json(tmp_path):
@@ -86,6 +89,8 @@ def test_format_table_one_row_per_artefact():
     r = dict.fromkeys(ACCURACY_KEYS, 99.0) | {
         "onnx_top1_agreement": 0.999, "fp32_onnx_bytes": 4096, "int8_onnx_bytes": 1024, "size_ratio": 4.0,
         "fp32_latency_ms": 0.2, "int8_latency_ms": 0.1, "latency_ratio": 2.0, "latency_runs": 10,
+        "fp32_latency_large_ms": 9.0, "int8_latency_large_ms": 3.0, "latency_ratio_large": 3.0, "large_batch": 256,
+        "cpu_isa": "AVX2 (no VNNI)", "target": "portable",
         "n_train": 8, "n_test": 2, "epochs": 1, "qat_epochs": 1, "seed": 0,
     }
     text = format_table(r)
@@ -93,6 +98,7 @@ def test_format_table_one_row_per_artefact():
     assert [row.split("  ")[0] for row in rows] == ["FP32 (PyTorch)", "PTQ int8 (reference)", "QAT int8 (reference)",
                                                    "ONNX Runtime int8 (QAT)"]
     assert "4.0 KiB" in text and "1.0 KiB" in text and "99.90 %" in text and "2.00x" in text
+    assert "3.00x at batch 256" in text and "CPU: AVX2 (no VNNI)" in text and "target: portable" in text
 
 
 @pytest.mark.parametrize("argv", [["demo", "--epochs", "0"], ["demo", "--qat-epochs", "-1"], []])

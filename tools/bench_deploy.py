@@ -12,7 +12,10 @@ calibration batches:
     ort        onnxruntime.quantization: quant_pre_process + quantize_static(QDQ), calibrated on the
                same batches, once with its defaults (S8S8, per-tensor: `ort_default`) and once with
                the settings its docs give for x86-64 (U8S8, per-channel: `ort_u8s8`)
-    fxquant    fxquant.quantize(model, calib_data=batches) -> export_onnx  (backend onnxruntime)
+    fxquant    fxquant.quantize(model, calib_data=batches) -> export_onnx  (backend onnxruntime, its
+               default target "portable": 7-bit weights on the integer GEMMs, exact on every x86 CPU)
+    fxquant_vnni  the same with target="vnni": 8-bit weights everywhere (exact only on VNNI CPUs); the
+               portable file must match its optimised op counts and be no slower
 and measured on the CPU execution provider:
     fused      Conv/Gemm/MatMul nodes that became integer kernels (QLinearConv, QGemm, QLinearMatMul,
                MatMulInteger...) in ONNX Runtime's optimised graph (level ENABLE_EXTENDED)
@@ -23,7 +26,9 @@ and measured on the CPU execution provider:
     ops        the optimised graph's op types and counts, per variant (in the JSON; the report says
                where fxquant's and ORT U8S8's are the same)
     size       file bytes, as a fraction of the float file
-`--quick` (resnet18, batch 1, 112x112, 3 rounds) is what the smoke test runs.
+The report starts with the CPU's integer-kernel ISA (fxquant.check.host_isa): ONNX Runtime picks its
+kernels by it, so ratios from an AVX2 CPU and a VNNI CPU differ. `--quick` (resnet18, batch 1, 112x112,
+3 rounds) is what the smoke test runs.
 """
 
 from __future__ import annotations
@@ -45,12 +50,13 @@ import torch
 from fxquant.tools.zoo import random_model
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
-VARIANTS = ("float", "ort_default", "ort_u8s8", "fxquant")
+VARIANTS = ("float", "ort_default", "ort_u8s8", "fxquant", "fxquant_vnni")
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                "DynamicQuantizeMatMul"}
 FLOAT_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 CALIB_BATCHES, CALIB_BATCH = 4, 2
 TARGET_SPEEDUP, TARGET_SIZE = 0.8, 0.27  # int8 <= 0.8x float latency on resnet18 batch 1; file <= 0.27x float
+TARGET_SPEEDUP_AVX2 = 0.6  # ... and <= 0.6x on a CPU without VNNI (the portable file's 7-bit GEMMs run at full speed)
 SIGNIFICANCE = 0.05  # "faster": a tie would win as many paired rounds less often than this
 
 
@@ -64,6 +70,7 @@ class Result:
     ratio: dict = field(default_factory=dict)  # variant -> median of (variant ms / float ms) per round
     file_ratio: dict = field(default_factory=dict)  # variant -> bytes / float bytes
     p_tie: dict = field(default_factory=dict)  # variant -> sign-test p of fxquant's paired wins against it (None: too few rounds)
+    p_vnni_faster: float | None = None  # sign-test p of the 8-bit (vnni) file's paired wins against the portable one
     ops: dict = field(default_factory=dict)  # variant -> {op type: count} in ORT's optimised graph (ENABLE_EXTENDED)
 
 
@@ -106,8 +113,9 @@ def build_files(name: str, size: int, folder: str) -> dict[str, str]:
     fxquant.export_onnx(folded, paths["float"], example)
     _ort_quantize(paths["float"], paths["ort_default"], calib, recommended=False)
     _ort_quantize(paths["float"], paths["ort_u8s8"], calib, recommended=True)
-    qmodel = fxquant.quantize(model, example, calib_data=calib, progress=False)
-    fxquant.export_onnx(qmodel, paths["fxquant"], example)
+    for variant, target in (("fxquant", None), ("fxquant_vnni", "vnni")):
+        qmodel = fxquant.quantize(model, example, calib_data=calib, target=target, progress=False)
+        fxquant.export_onnx(qmodel, paths[variant], example)
     return paths
 
 
@@ -140,8 +148,9 @@ def sign_test(wins: int, rounds: int) -> float | None:
     return sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2**rounds
 
 
-def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int) -> tuple[dict, dict, dict]:
-    """(median ms, median ratio to float, sign-test p of fxquant's wins) per variant, from interleaved rounds."""
+def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int) -> tuple[dict, dict, dict, float | None]:
+    """(median ms, median ratio to float, sign-test p of fxquant's wins) per variant, from interleaved rounds,
+    and the sign-test p of the 8-bit (vnni) file's wins against fxquant's portable one."""
     from fxquant.check import ort_session
 
     sessions = {v: ort_session(p, threads=threads, level="all") for v, p in paths.items()}
@@ -157,7 +166,9 @@ def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int
     ms = {v: 1000 * statistics.median(t) for v, t in times.items()}
     ratio = {v: statistics.median(a / b for a, b in zip(t, times["float"])) for v, t in times.items()}
     p_tie = {v: sign_test(sum(a < b for a, b in zip(times["fxquant"], t)), rounds) for v, t in times.items()}
-    return ms, ratio, p_tie
+    vnni = times.get("fxquant_vnni")
+    p_vnni = None if vnni is None else sign_test(sum(a < b for a, b in zip(vnni, times["fxquant"])), rounds)
+    return ms, ratio, p_tie, p_vnni
 
 
 def bench_model(name: str, batches, *, size: int, rounds: int, threads: int, folder: str) -> list[Result]:
@@ -168,8 +179,8 @@ def bench_model(name: str, batches, *, size: int, rounds: int, threads: int, fol
     results = []
     for batch in batches:
         x = np.random.default_rng(3).standard_normal((batch, 3, size, size), dtype=np.float32)
-        ms, ratio, p_tie = latencies(paths, x, rounds=rounds, threads=threads)
-        results.append(Result(name, batch, size, fused, ms, ratio, sizes, p_tie, ops))
+        ms, ratio, p_tie, p_vnni = latencies(paths, x, rounds=rounds, threads=threads)
+        results.append(Result(name, batch, size, fused, ms, ratio, sizes, p_tie, p_vnni, ops))
     return results
 
 
@@ -182,21 +193,30 @@ def _pct(v) -> str:
 
 def markdown(results: list[Result]) -> str:
     head = ("| model | batch | fused fxquant | fused ORT default | fused ORT u8s8 | float ms | fxquant x float "
-            "| ORT default x float | ORT u8s8 x float | fxquant size x float | ORT u8s8 size x float |")
+            "| fxquant 8-bit (vnni) x float | ORT default x float | ORT u8s8 x float | fxquant size x float | ORT u8s8 size x float |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         lines.append(
             f"| {r.model} | {r.batch} | {_pct(r.fused['fxquant'])} | {_pct(r.fused['ort_default'])} | {_pct(r.fused['ort_u8s8'])} "
-            f"| {r.latency_ms['float']:.1f} | {r.ratio['fxquant']:.2f} | {r.ratio['ort_default']:.2f} | {r.ratio['ort_u8s8']:.2f} "
+            f"| {r.latency_ms['float']:.1f} | {r.ratio['fxquant']:.2f} | {r.ratio['fxquant_vnni']:.2f} "
+            f"| {r.ratio['ort_default']:.2f} | {r.ratio['ort_u8s8']:.2f} "
             f"| {r.file_ratio['fxquant']:.3f} | {r.file_ratio['ort_u8s8']:.3f} |"
         )
     return "\n".join(lines)
 
 
-def targets(results: list[Result]) -> dict[str, bool | None]:
-    """Each target: True met, False missed, None not measured in this run."""
+def targets(results: list[Result], isa: str | None = None) -> dict[str, bool | None]:
+    """Each target: True met, False missed, None not measured in this run (`isa`: the CPU's, host_isa())."""
     r18 = [r for r in results if r.model == "resnet18" and r.batch == 1]
+    without_vnni = isa is not None and isa.startswith(("AVX2", "AVX-512 (no VNNI)", "SSE"))
+    p_vnni = [r.p_vnni_faster for r in results]
     return {
+        "portable file: same optimised op counts as the 8-bit vnni file (every model)":
+            all(r.ops.get("fxquant") == r.ops.get("fxquant_vnni") for r in results),
+        f"portable file no slower than the 8-bit vnni file (every row: vnni wins the paired rounds with p >= {SIGNIFICANCE})":
+            None if None in p_vnni else all(p >= SIGNIFICANCE for p in p_vnni),
+        f"int8 <= {TARGET_SPEEDUP_AVX2}x float latency on a CPU without VNNI (resnet18, batch 1)":
+            r18[0].ratio["fxquant"] <= TARGET_SPEEDUP_AVX2 if r18 and without_vnni else None,
         "100% of Conv/Gemm/MatMul fused (fxquant, every model)": all(r.fused["fxquant"] == 1.0 for r in results),
         f"fxquant faster than ORT quantize_static defaults (every row, sign test p < {SIGNIFICANCE})": _faster(results, "ort_default"),
         f"fxquant faster than ORT quantize_static U8S8 per-channel (every row, sign test p < {SIGNIFICANCE})": _faster(results, "ort_u8s8"),
@@ -215,13 +235,16 @@ def same_graphs(results: list[Result]) -> list[str]:
     return sorted({r.model for r in results if r.ops["fxquant"] == r.ops["ort_u8s8"]})
 
 
-def _report(results: list[Result]) -> str:
+def _report(results: list[Result], isa: str) -> str:
+    import onnxruntime
+
     marks = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {k}: {marks[v]}" for k, v in targets(results).items()]
+    lines = [f"- {k}: {marks[v]}" for k, v in targets(results, isa).items()]
     same = same_graphs(results)
     if same:
         lines.append(f"- same optimised op counts as ORT U8S8 (expect a latency tie): {', '.join(same)}")
-    return markdown(results) + "\n\n" + "\n".join(lines)
+    head = f"CPU: {isa} (integer kernels), ONNX Runtime {onnxruntime.__version__}\n\n"
+    return head + markdown(results) + "\n\n" + "\n".join(lines)
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -262,10 +285,13 @@ def main(argv=None) -> int:
         for name in models:
             print(f"[bench_deploy] {name} ...", file=sys.stderr, flush=True)
             results += bench_model(name, batches, size=args.size, rounds=args.iters, threads=args.threads, folder=folder)
-    print(_report(results))
+    from fxquant.check import host_isa
+
+    isa = host_isa()
+    print(_report(results, isa))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": [asdict(r) for r in results], "targets": targets(results),
+            json.dump({"results": [asdict(r) for r in results], "targets": targets(results, isa), "cpu_isa": isa,
                        "settings": {"size": args.size, "iters": args.iters, "threads": args.threads}}, f, indent=2)
     return 0
 

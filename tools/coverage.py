@@ -8,7 +8,7 @@ the batch) and how the reference int8 graph agrees with the float model. A model
 Runtime runs it with SQNR >= 30 dB against the reference int8 graph and the same top-1 on every row
 (where the reference's quantized logits tie at the top, any of the tied classes counts).
 
-`layerwise max steps` is the teacher-forced check (`layerwise_steps`): each layer of the reference
+`layerwise max steps` is the teacher-forced check (`fxquant.check.layerwise`): each layer of the reference
 computed from ONNX Runtime's own inputs against ONNX Runtime's output of it. It does not compound
 through depth, so it tells an exporter bug (> 1 step somewhere) from a network that amplifies the
 one-step rounding differences of two float implementations block after block (output SQNR low,
@@ -138,50 +138,6 @@ def _build(name: str):
     return random_model(name)
 
 
-def layerwise_steps(int8, path: str, x) -> tuple[float, str]:
-    """Teacher-forced agreement: (largest difference in quantization steps, the node where it is).
-
-    ONNX Runtime runs the file with every QuantizeLinear output exposed; the reference int8 graph then
-    runs with each of its quantize nodes replaced by ONNX Runtime's value of it, so every op computes
-    from the very integers ONNX Runtime computed from, and its quantized output is compared with ONNX
-    Runtime's. Unlike the output SQNR, this does not compound: a random network that amplifies the
-    one-step rounding differences of two float implementations (torch's conv, MLAS's) block after
-    block still agrees within one step at every layer when the file computes what the reference does.
-    """
-    import numpy as np
-    import onnx
-    import torch
-    from torch import fx
-
-    from fxquant.check import ort_session
-    from fxquant.numerics import quantize
-
-    model = onnx.load(path)
-    names = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    exposed = os.path.join(os.path.dirname(path), "layerwise.onnx")
-    onnx.save_model(model, exposed)
-    session = ort_session(exposed, threads=1)
-    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    ort = dict(zip([o.name for o in session.get_outputs()], outputs))
-    worst = [0.0, ""]
-
-    class Forced(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n.target is quantize and n.name in ort:
-                theirs = torch.from_numpy(np.asarray(ort[n.name]))
-                steps = float((value.to(torch.int32) - theirs.to(torch.int32)).abs().max()) if value.numel() else 0.0
-                if steps > worst[0]:
-                    worst[:] = [steps, n.name]
-                value = theirs.to(value.dtype)
-            return value
-
-    with torch.no_grad():
-        Forced(int8).run(x)
-    return worst[0], worst[1]
-
-
 def _compare(row: Row, path: str, reference, floats, test) -> None:
     """ONNX Runtime on `test` against the reference model's output; the reference against the float one."""
     from fxquant.check import ort_session, run_onnx
@@ -198,6 +154,7 @@ def run_fxquant(row: Row, folder: str) -> None:
     import torch
 
     import fxquant
+    from fxquant.check import layerwise_steps
 
     name, size = row.model, row.size
     model = _build(name)

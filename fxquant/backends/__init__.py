@@ -35,6 +35,10 @@ class Rule:
         node's output stays float inside the chain (attention: MatMul -> Softmax, no Q/DQ between);
         the checker reads a first node followed by exactly these ops with this row and wants the
         output QuantizeLinear after the last of them.
+    pair_sums: the row's weight reaches an integer GEMM that adds pairs of activation x weight products
+        in a narrow accumulator on some CPUs (see `Target`): True, or `(groups, in_channels,
+        out_channels) -> bool` for a conv whose kernel depends on its grouping. Read from the FX module
+        by annotate_quant and from the ONNX Conv's group attribute and weight shape by onnx_check.
     """
 
     name: str
@@ -47,6 +51,7 @@ class Rule:
     onnx: tuple[str, ...] = ()
     spec: QuantSpec | None = None
     onnx_chain: tuple[str, ...] = ()
+    pair_sums: bool | Callable = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -57,10 +62,44 @@ class Rule:
             raise FxQuantError(f"rule {self.name!r}: onnx={self.onnx!r}, expected a tuple of ONNX op type names")
         if self.spec is not None and (not isinstance(self.spec, QuantSpec) or self.kind in (SHARE, FLOAT)):
             raise FxQuantError(f"rule {self.name!r}: spec= needs a QuantSpec on a quantize or share_inputs row")
+        if not (isinstance(self.pair_sums, bool) or callable(self.pair_sums)) or (self.pair_sums and not self.weight):
+            raise FxQuantError(f"rule {self.name!r}: pair_sums={self.pair_sums!r}, expected a bool or a check "
+                               "(groups, in_channels, out_channels) -> bool on a row with weight=True")
         if self.onnx_chain and (not isinstance(self.onnx_chain, tuple) or not all(isinstance(t, str) and t for t in self.onnx_chain) or not self.onnx
                                 or len(self.onnx_chain) != len(self.pattern) - 1 or self.kind != QUANTIZE):
             raise FxQuantError(f"rule {self.name!r}: onnx_chain={self.onnx_chain!r}, expected one ONNX op type per "
                                f"pattern step after the first ({len(self.pattern) - 1}) on a quantize row with onnx=")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: the CPUs (or accelerators) a file is meant to run on, and the largest
+    |a1*w1 + a2*w2| that the narrowest integer GEMM kernel among them adds exactly.
+
+    pair_sum_max: None where every kernel accumulates in int32 (VNNI's vpdpbusd, ARM's sdot/udot,
+        TensorRT's DP4A/IMMA). 32767 where a kernel adds two u8*s8 products in saturating int16
+        (x86 vpmaddubsw: ONNX Runtime's MLAS on AVX2, AVX-512 without VNNI and SSE4); then a row with
+        `pair_sums` gets weights narrow enough that 2 * (activation span) * max|w| <= pair_sum_max.
+    """
+
+    name: str
+    pair_sum_max: int | None
+    doc: str = ""
+
+    def max_weight(self, activation: QuantSpec) -> int | None:
+        """The largest |w| a pair_sums row may store when it reads `activation` (None: no limit). The
+        activation's whole storage span counts (qmax - qmin): a kernel multiplies raw codes, and an
+        int8 activation is shifted to uint8 before a u8 x s8 kernel."""
+        if self.pair_sum_max is None:
+            return None
+        return self.pair_sum_max // (2 * (activation.qmax - activation.qmin))
+
+    def safe_weight(self, weight: QuantSpec, activation: QuantSpec) -> QuantSpec:
+        """`weight` narrowed, a bit at a time, until max|w| <= max_weight(activation); unchanged if it fits."""
+        limit = self.max_weight(activation)
+        while limit is not None and weight.qmax > limit and weight.bits > 2:
+            weight = weight.with_bits(weight.bits - 1)
+        return weight
 
 
 @dataclass(frozen=True)
@@ -76,16 +115,25 @@ class Backend:
     bias: QuantSpec | None = None
     folded: tuple[str, ...] = ()
     reduce_range: bool = False  # weights narrowed to the table's REDUCED_WEIGHT_BITS
+    target: Target = Target("any", None)  # the deployment target (the table's TARGETS; the first is the default)
 
     def spec_of(self, rule: Rule) -> QuantSpec:
         return rule.spec or self.activation
+
+    def rule(self, name: str) -> Rule:
+        return next(r for r in self.rules if r.name == name)
 
     def __reduce_ex__(self, protocol):
         """A shipped backend pickles by name (its rows hold functions pickle cannot name, such as
         F.max_pool2d), so a quantized GraphModule carrying it in .meta stays picklable."""
         if self.name in BACKENDS:
-            return _backend_by_name, (self.name, self.reduce_range)
+            return _backend_by_name, (self.name, self.reduce_range, self.target.name)
         return super().__reduce_ex__(protocol)
+
+
+def exposed_to_pair_sums(rule: Rule, groups: int, in_channels: int, out_channels: int) -> bool:
+    """Whether `rule`'s op, with this grouping (1, in, out for a linear), reaches a pair-summing GEMM."""
+    return rule.pair_sums(groups, in_channels, out_channels) if callable(rule.pair_sums) else bool(rule.pair_sums)
 
 
 # row checks shared by tables: `(module_or_None, node) -> bool`
@@ -163,19 +211,30 @@ def check_rules(name: str, rules: tuple[Rule, ...], activation: QuantSpec | None
     _check_shared_group(name, rules, activation)
 
 
-def _backend_by_name(name: str, reduce_range: bool) -> Backend:
-    return load_backend(name, reduce_range=reduce_range)
+def _backend_by_name(name: str, reduce_range: bool, target: str | None = None) -> Backend:
+    return load_backend(name, reduce_range=reduce_range, target=target)
 
 
-def load_backend(name, *, reduce_range: bool = False) -> Backend:
-    """The backend `name` (a Backend passes through), checked once; `reduce_range` needs REDUCED_WEIGHT_BITS."""
+def targets(name: str) -> tuple[Target, ...]:
+    """The deployment targets of backend `name`, the default first."""
+    return importlib.import_module(f"fxquant.backends.{name}").TARGETS
+
+
+def load_backend(name, *, reduce_range: bool = False, target: str | None = None) -> Backend:
+    """The backend `name` (a Backend passes through), checked once; `reduce_range` needs REDUCED_WEIGHT_BITS;
+    `target` names one of the table's TARGETS (None: its first, the default)."""
     if isinstance(name, Backend):
-        if name.reduce_range or not reduce_range:
+        if (name.reduce_range or not reduce_range) and target in (None, name.target.name):
             return name
+        reduce_range, target = reduce_range or name.reduce_range, target or name.target.name
         name = name.name
     if name not in BACKENDS:
         raise FxQuantError(f"backend={name!r}: expected one of {BACKENDS}")
     table = importlib.import_module(f"fxquant.backends.{name}")
+    known = {t.name: t for t in table.TARGETS}
+    if target is not None and target not in known:
+        raise FxQuantError(f"target={target!r}: backend {name!r} deploys to one of {tuple(known)} "
+                           + "; ".join(f"{t.name}: {t.doc}" for t in table.TARGETS))
     check_rules(name, table.RULES, table.ACTIVATION)
     weight = table.WEIGHT
     if reduce_range:
@@ -183,4 +242,5 @@ def load_backend(name, *, reduce_range: bool = False) -> Backend:
         if bits is None:
             raise FxQuantError(f"reduce_range=True: backend {name!r} has no reduced-range weights; leave reduce_range=False")
         weight = weight.with_bits(bits)
-    return Backend(name, table.RULES, table.ACTIVATION, weight, table.BIAS, table.FOLDED, bool(reduce_range))
+    return Backend(name, table.RULES, table.ACTIVATION, weight, table.BIAS, table.FOLDED, bool(reduce_range),
+                   known[target] if target is not None else table.TARGETS[0])

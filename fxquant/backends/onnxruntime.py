@@ -16,11 +16,28 @@ What ORT's QDQ selectors (level ENABLE_EXTENDED and up) make of each row, checke
 A ReLU/Clip right before a Q is folded by the runtime (FOLDED), so it stays inside its producer's row.
 SiLU reaches this table as x * sigmoid(x) (passes/decompose_ops): QLinearSigmoid + QLinearMul.
 
-reduce_range: `fxquant.quantize(..., reduce_range=True)` narrows weights to REDUCED_WEIGHT_BITS = 7,
-[-63, 63]. On AVX2 CPUs without VNNI, MLAS multiplies u8 activations by s8 weights with vpmaddubsw,
-which adds two u8*s8 products in int16: 2 * 255 * 127 = 64770 overflows 32767 and saturates, while
-2 * 255 * 63 = 32130 cannot. CPUs with AVX-VNNI / AVX512-VNNI (vpdpbusd) accumulate in int32 and need
-no reduced range; it costs one bit of weight precision.
+Targets (the row column `pair_sums`, the TARGETS below): ONNX Runtime's MLAS multiplies u8 activations
+by s8 weights, on CPUs without VNNI (AVX2, AVX-512F/BW without VNNI, SSE4), with vpmaddubsw (or its SSE4
+form pmaddubsw), which adds two u8*s8 products in saturating int16: 2 * 255 * 127 = 64770 overflows 32767
+and the sum clips. The kernels exposed: QLinearConv (but depthwise), QGemm, QLinearMatMul and
+MatMulIntegerToFloat with a constant s8 weight. Measured on an AVX2 CPU without VNNI (ORT 1.32, weights
+at 0.9-1.0 of their range, inputs uniform over the uint8 codes, teacher-forced against the reference):
+a 3x3 conv 35 steps off, a grouped conv (2 channels per group) 42, a depthwise conv with channel
+multiplier 2 44, a linear 54; a depthwise conv (group = in = out channels; MLAS's depthwise kernel
+widens to int32) and the u8 x u8 matmul of two activations (attention: U8U8 widens to int16 first) 0.
+    portable (default)  every x86 ISA and ARM: a pair_sums row stores weights with 2 * 255 * max|w| <=
+                        32767, i.e. 7 bits [-63, 63] at 8-bit activations (8 bits at a_bits <= 7, where
+                        2 * 127 * 127 fits), and full 8 bits on every other row (depthwise conv, the
+                        activation matmuls). It costs one bit on those weights only.
+    vnni                full 8-bit weights everywhere: exact where the CPU has AVX-VNNI / AVX512-VNNI
+                        (vpdpbusd adds in int32) or ARM's dot product; on any other x86 CPU the pair sums
+                        saturate (tens of steps per layer). ONNX Runtime's session option
+                        session.x64quantprecision=1 rescues such a file there by running weights outside
+                        [-64, 64] as u8 x u8 (about 40% slower on the integer GEMMs).
+The target is recorded in the model (its Backend) and the file's metadata; fxquant.check_onnx names
+every GEMM whose weights can saturate a pair sum on a portable file.
+reduce_range: `quantize(..., reduce_range=True)` narrows every weight, depthwise ones too, to
+REDUCED_WEIGHT_BITS = 7 (what ONNX Runtime's own quantizer calls reduce_range).
 """
 
 import operator
@@ -32,7 +49,7 @@ from torch import nn
 from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
-from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, global_pool, inference_identity, read_only_by
+from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by
 from fxquant.nn import ConvAct2d, LinearAct
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
 from fxquant.traceable import FLOAT_HELPERS
@@ -42,6 +59,12 @@ WEIGHT = weight_spec()  # int8 [-127, 127] per output channel, zero point 0
 BIAS = BIAS_SPEC  # int32, scale s_x * s_w: what QLinearConv / QGemm read
 FOLDED = ("Relu", "Clip")  # ORT removes these between a quantized op and its Q (zero point at qmin)
 REDUCED_WEIGHT_BITS = 7  # reduce_range=True: [-63, 63], see above
+TARGETS = (
+    Target("portable", 32767, "every x86 CPU (SSE4, AVX2, AVX-512, VNNI) and ARM: weights of the integer GEMMs "
+           "narrowed so no 16-bit pair sum can saturate"),
+    Target("vnni", None, "CPUs with AVX-VNNI / AVX512-VNNI or ARM dot product only: full 8-bit weights; on AVX2 "
+           "without VNNI the pair sums saturate (ORT session option session.x64quantprecision=1 avoids it, slower)"),
+)
 
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
@@ -74,6 +97,12 @@ def _nearest(module, node) -> bool:
     return mode == "nearest"
 
 
+def _not_depthwise(groups: int, in_channels: int, out_channels: int) -> bool:
+    """MLAS runs a conv with one input and one output channel per group as its depthwise kernel, which
+    widens to int32; every other conv (grouped, channel multiplier > 1) is an im2col u8 x s8 GEMM."""
+    return not groups == in_channels == out_channels
+
+
 def _residual_stream(module, node) -> bool:
     """A residual add whose sum only normalizations and further adds read, through dropout / stochastic
     depth / reshapes: a pre-norm transformer's residual stream (x + attn(ln(x)) -> ln, next add). No
@@ -84,8 +113,8 @@ def _residual_stream(module, node) -> bool:
 
 
 RULES = (
-    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True, onnx=("Conv",)),  # y = act(conv(x, w) + b)
-    Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul")),  # y = act(x @ w.T + b)
+    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
+    Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),  # y = act(x @ w.T + b)
     Rule("residual_add", (ADD,), FLOAT, check=_residual_stream),  # stays float: see _residual_stream
     Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = relu(a + b): QLinearAdd, relu folded
     Rule("add", (ADD,), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = a + b: QLinearAdd

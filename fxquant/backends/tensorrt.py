@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
-from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, global_pool, inference_identity
+from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity
 from fxquant.nn import ConvAct2d, LinearAct
 from fxquant.specs import QuantSpec, weight_spec
 from fxquant.traceable import FLOAT_HELPERS
@@ -32,6 +32,7 @@ ACTIVATION = QuantSpec("int8", -128, 127, symmetric=True)  # scale = amax / 127.
 WEIGHT = weight_spec()  # int8 [-127, 127] per output channel (axis 0), zero point 0
 BIAS = None  # float bias
 FOLDED = ("Relu", "Clip")  # fused into the conv / gemm / add before them
+TARGETS = (Target("tensorrt", None, "NVIDIA GPUs: s8 x s8 kernels (DP4A / IMMA) accumulate in int32"),)
 
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
