@@ -15,7 +15,7 @@ graph's quantize node of the same name and `export_onnx` into a QuantizeLinear w
     steps_fq_int8  teacher-forced: the fake-quant model run with every fake-quant output replaced by the int8
                    graph's (dequantized) value at that point, max |fq - int8| in quantization steps of the point
     steps_int8_onnx  teacher-forced: the int8 graph run with every quantize output replaced by ONNX Runtime's,
-                   max |int8 - ort| in steps (the check tools/coverage.py's layerwise_steps made)
+                   max |int8 - ort| in steps: fxquant.check.layerwise, this function's core
 Teacher forcing feeds each layer the other implementation's own inputs, so a difference does not compound
 through depth: a correct file stays within one step everywhere (two float implementations round the last
 bit differently), and the first point beyond one step is the first layer the deployed file computes
@@ -23,7 +23,7 @@ differently: `first_divergent`.
 
 The float values come from `model` traced as `quantize` traces it (same node names, BatchNorm folded, every
 fake-quant off), so a QAT model is compared with the float model it started from. `cpu=` runs ONNX Runtime
-under qemu-user as that CPU (`qemu-x86_64 -cpu Haswell`: AVX2 without VNNI; `Nehalem`: SSE4).
+as that CPU under qemu-user (fxquant.check.CPUS: "haswell", AVX2 without VNNI; "nehalem", SSE4).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
@@ -71,6 +69,7 @@ class CompareReport:
     first_divergent: str | None  # the first point where ONNX Runtime is more than one step from the int8 graph
     cpu: str | None = None
     output_sqnr_db: dict = field(default_factory=dict)  # {"fq"|"int8"|"onnx": SQNR of the model output vs float}
+    isa: str | None = None  # the integer-kernel ISA that ran the file (fxquant.check.host_isa, or the emulated CPU's)
 
     def overlays(self) -> list[dict]:
         """The graph viewer's overlays ({"name", "better", "values": {node: value}}), keyed by the layer (op)
@@ -81,7 +80,7 @@ class CompareReport:
 
     def to_json(self) -> dict:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-        return {"format": "fxquant.compare/1", "first_divergent": self.first_divergent, "cpu": self.cpu,
+        return {"format": "fxquant.compare/1", "first_divergent": self.first_divergent, "cpu": self.cpu, "isa": self.isa,
                 "output_sqnr_db": {k: clean(v) for k, v in self.output_sqnr_db.items()},
                 "points": [{k: clean(v) for k, v in asdict(p).items()} for p in self.points], "overlays": self.overlays()}
 
@@ -90,7 +89,7 @@ class CompareReport:
         cols = ("point", "SQNR fq dB", "SQNR int8 dB", "SQNR onnx dB", "max|err| int8", "steps fq~int8", "steps int8~onnx")
         rows = [(p.name, f(p.sqnr_fq_db, ".1f"), f(p.sqnr_int8_db, ".1f"), f(p.sqnr_onnx_db, ".1f"), f(p.max_abs_int8, ".3g"),
                  f(p.steps_fq_int8, ".0f"), f(p.steps_int8_onnx, ".0f")) for p in self.points]
-        where = f"ONNX Runtime ({self.cpu or 'this CPU'})"
+        where = f"ONNX Runtime ({self.cpu or 'this CPU'}, {self.isa})"
         verdict = (f"first layer where {where} leaves the int8 reference by more than one step: {self.first_divergent}"
                    if self.first_divergent else f"{where} is within one step of the int8 reference at every layer")
         return format_table(cols, rows) + "\n" + verdict
@@ -158,23 +157,12 @@ def _steps(int8, node, a_float: torch.Tensor, q: torch.Tensor) -> float:
     return float((a_float - dequantize(q, scale, zp, axis)).abs().div(_along(scale, q, axis)).max())
 
 
-_QEMU_RUNNER = r"""
-import sys, numpy as np, onnxruntime as ort
-path, feeds, out = sys.argv[1:4]
-so = ort.SessionOptions(); so.log_severity_level = 3; so.intra_op_num_threads = 1
-s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-f = np.load(feeds)
-res = s.run(None, {i.name: f[i.name] for i in s.get_inputs()})
-np.savez(out, **{o.name: r for o, r in zip(s.get_outputs(), res)})
-"""
-
-
 def onnx_values(path: str, names: list[str], inputs, *, cpu: str | None = None) -> dict[str, np.ndarray]:
-    """ONNX Runtime's value of each named tensor of the file (exposed as extra graph outputs), natively or, with
-    `cpu`, under `qemu-x86_64 -cpu CPU` (a second Python process)."""
+    """ONNX Runtime's value of each named tensor of the file (exposed as extra graph outputs), natively or as
+    an emulated CPU (fxquant.check.run_file: qemu-user)."""
     import onnx
 
-    from fxquant.check import ort_session
+    from fxquant.check import run_file
 
     model = onnx.load(path)
     produced = {o for n in model.graph.node for o in n.output}
@@ -182,22 +170,7 @@ def onnx_values(path: str, names: list[str], inputs, *, cpu: str | None = None) 
     with tempfile.TemporaryDirectory(prefix="fxquant-compare-") as tmp:
         exposed = os.path.join(tmp, "exposed.onnx")
         onnx.save_model(model, exposed)
-        if cpu is None:
-            session = ort_session(exposed, threads=1)
-            feeds = {i.name: t.cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
-            return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        session_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        np.savez(os.path.join(tmp, "feeds.npz"), **{n: t.cpu().numpy() for n, t in zip(session_inputs, inputs)})
-        cmd = ["qemu-x86_64", "-cpu", cpu, sys.executable, "-c", _QEMU_RUNNER, exposed, os.path.join(tmp, "feeds.npz"),
-               os.path.join(tmp, "out.npz")]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except FileNotFoundError:
-            raise FxQuantError("compare(cpu=...): qemu-x86_64 is not installed (apt-get install qemu-user)") from None
-        if done.returncode != 0:
-            raise FxQuantError(f"compare(cpu={cpu!r}): ONNX Runtime under qemu failed: {done.stderr.strip()[-500:]}")
-        with np.load(os.path.join(tmp, "out.npz")) as f:
-            return {k: f[k] for k in f.files}
+        return run_file(exposed, inputs, cpu=cpu)
 
 
 # ---------------------------------------------------------------- the comparison
@@ -224,7 +197,8 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
 
     model: the float nn.Module; qmodel: its fake-quant GraphModule (calibrated or trained); int8: convert(qmodel);
     onnx_path: export_onnx(int8 or qmodel, onnx_path, ...), or None to leave ONNX Runtime out; inputs: one batch,
-    a tensor (N, ...) or a tuple of tensors; cpu: None (this machine) or a qemu CPU name ("Haswell", "Nehalem").
+    a tensor (N, ...) or a tuple of tensors; cpu: None (this machine) or a name of fxquant.check.CPUS ("haswell",
+    "nehalem"; case ignored), run under qemu-user.
     """
     inputs = _inputs(inputs)
     if not isinstance(int8, fx.GraphModule) or not _quantize_nodes(int8):
@@ -240,7 +214,13 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
     floats = _float_values(model, inputs)
     fq_values = _record(qmodel, inputs, lambda n: n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), FakeQuantize))
     int8_q = _record(int8, inputs, lambda n: n.target is quantize)
-    ort = onnx_values(onnx_path, [n.name for n in qnodes], inputs, cpu=cpu) if onnx_path is not None else {}
+    ort, forced = {}, None
+    if onnx_path is not None:
+        from fxquant.check import layerwise
+
+        cpu = cpu.lower() if isinstance(cpu, str) else cpu
+        forced = layerwise(int8, onnx_path, inputs, cpu=cpu)  # the teacher-forced check: steps per quantize node
+        ort = onnx_values(onnx_path, [n.name for n in qnodes], inputs, cpu=cpu)
 
     points = []
     for node in qnodes:
@@ -261,22 +241,22 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
         points.append(p)
     by_name = {p.name: p for p in points}
     _teacher_forced_fq(qmodel, int8, inputs, int8_q, by_name)
-    if ort:
-        _teacher_forced_onnx(int8, inputs, ort, by_name)
+    if forced is not None:
+        for name, steps in forced.steps.items():
+            if name in by_name:
+                by_name[name].steps_int8_onnx = steps
     first = next((p.name for p in points if p.steps_int8_onnx > ONE_STEP), None)
-    return CompareReport(points, first, cpu, _output_sqnr(model, qmodel, int8, inputs, ort, onnx_path))
+    isa = forced.isa if forced is not None else None
+    return CompareReport(points, first, cpu, _output_sqnr(model, qmodel, int8, inputs, forced), isa)
 
 
-def _output_sqnr(model, qmodel, int8, inputs, ort, onnx_path) -> dict:
+def _output_sqnr(model, qmodel, int8, inputs, forced) -> dict:
     """SQNR (dB) of each implementation's (first) output against the float model's."""
     with torch.no_grad():
         ref = _first(model.eval()(*inputs)).double()
         outs = {"fq": _first(qmodel(*inputs)), "int8": _first(int8(*inputs))}
-    if ort:
-        import onnx
-
-        name = onnx.load(onnx_path, load_external_data=False).graph.output[0].name
-        outs["onnx"] = torch.from_numpy(np.asarray(ort[name]))
+    if forced is not None:
+        outs["onnx"] = torch.from_numpy(np.asarray(forced.outputs[0]))  # the file as deployed, nothing exposed
     return {k: sqnr_db(float((ref ** 2).sum()), float(((v.double() - ref) ** 2).sum())) for k, v in outs.items()}
 
 
@@ -299,23 +279,6 @@ def _teacher_forced_fq(qmodel, int8, inputs, int8_q, by_name):
 
     with torch.no_grad():
         Forced(qmodel).run(*inputs)
-
-
-def _teacher_forced_onnx(int8, inputs, ort, by_name):
-    """Each quantize node of the int8 graph vs ONNX Runtime's QuantizeLinear, the graph fed ONNX Runtime's integers."""
-
-    class Forced(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n.target is quantize and n.name in ort:
-                theirs = torch.from_numpy(np.asarray(ort[n.name])).to(value.dtype)
-                diff = (value.to(torch.int64) - theirs.to(torch.int64)).abs()
-                by_name[n.name].steps_int8_onnx = float(diff.max()) if diff.numel() else 0.0
-                value = theirs
-            return value
-
-    with torch.no_grad():
-        Forced(int8).run(*inputs)
 
 
 # ---------------------------------------------------------------- several models against float: "what QAT improved"

@@ -127,16 +127,21 @@ def test_report_files_are_viewer_overlays(built, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="qemu-user not installed")
-def test_an_8bit_file_run_as_haswell_diverges_at_a_conv(tmp_path):
-    """Full 8-bit weights (no reduce_range) under qemu -cpu Haswell: ONNX Runtime's AVX2 u8 x s8 kernels add
-    pairs of products in saturating int16, so a conv leaves the reference; compare names a conv's point."""
+def test_a_vnni_layer_run_as_haswell_is_the_layer_named(tmp_path):
+    """The planted fault: target="vnni" keeps 8-bit weights (exact only with VNNI); every GEMM but conv2 is
+    narrowed to 7 bits by layer_bits, so conv2 alone can saturate ONNX Runtime's AVX2 u8 x s8 pair sums. Run
+    as Haswell (qemu), compare names conv2's point; run as Nehalem (SSE4, no pair sums) it names none."""
     torch.manual_seed(0)
     model = Net().eval()
-    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(2)) * 4  # wide, positive: u8 near 255
-    qmodel = fxquant.quantize(model, x[:1], calib_data=[x], progress=False)
+    with torch.no_grad():  # conv2's weights all of one sign per output channel: adjacent products add up
+        model.conv2.weight.abs_()
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(2)) * 4
+    narrow = {name: (7, 8) for name in ("conv1", "conv3", "fc")}
+    qmodel = fxquant.quantize(model, x[:1], calib_data=[x], target="vnni", layer_bits=narrow, progress=False)
     int8 = fxquant.convert(qmodel)
-    path = str(tmp_path / "w8.onnx")
+    path = str(tmp_path / "vnni.onnx")
     fxquant.export_onnx(int8, path, x[:1])
     rep = compare(model, qmodel, int8, path, x, cpu="Haswell")
-    assert rep.first_divergent in {"conv1_fq", "conv2_fq", "conv3_fq"}
-    assert rep.cpu == "Haswell" and "Haswell" in str(rep)
+    assert rep.first_divergent == "conv2_fq", str(rep)
+    assert rep.cpu == "haswell" and "AVX2" in rep.isa and "conv2_fq" in str(rep)
+    assert compare(model, qmodel, int8, path, x, cpu="nehalem").first_divergent is None
