@@ -14,7 +14,8 @@ so they form one *unit*: `layer_bits` requires them to take the same activation 
 Every measurement toggles the fake-quants of ONE calibrated fake-quant model (`FakeQuantize.enabled`);
 the ranges come from calibration with every fake-quant off (float activations), so they are the
 same whichever subset is on. Per layer (AIMET QuantAnalyzer's per-layer sweeps):
-    only_*   the metric with only this layer's fake-quants on (w: its weight; a: its activations; wa: both)
+    only_*   the metric with only this layer's fake-quants on (w: its weight; a: its activations; wa: both);
+             only_wa_loss and only_wa_kl: the mean loss, and KL(float outputs || these outputs) (mean_kl)
     float_*  the metric with every fake-quant on but this layer's
     local_sqnr_db        10 log10(sum y^2 / sum (y - y_q)^2), y the layer's float output, y_q its output with
                          its own fake-quants on and float inputs (its own noise; PPQ's "layerwise error")
@@ -359,8 +360,9 @@ class SensitivityReport:
     options: dict = field(default_factory=dict)
 
     def ranked(self) -> list[LayerSensitivity]:
-        """Most sensitive first: by the metric drop with only that layer quantized, then by the loss increase."""
-        return sorted(self.layers, key=lambda r: (r.only_wa, -r.only_wa_loss))
+        """Most sensitive first: by the metric drop with only that layer quantized, ties (one test sample is a
+        whole step of top-1) by the KL of the outputs from float."""
+        return sorted(self.layers, key=lambda r: (r.only_wa, -r.only_wa_kl))
 
     def overlays(self) -> list[dict]:
         """The graph viewer's overlays (`fxquant viz --overlay`): {"name", "better", "values": {node name: number}}, one
