@@ -116,12 +116,13 @@ class MixedPrecision:
 
 
 def solve(harm: np.ndarray, params: np.ndarray, widths: list[int | None], *, max_harm: float | None = None,
-          avg_bits: float | None = None, never_float=(), forbid=()) -> tuple[list[int], float]:
+          avg_bits: float | None = None, never_float=(), forbid=(), layers=None, min_narrow: int = 0) -> tuple[list[int], float]:
     """The integer program. harm (units, choices): the additive cost of each choice (a loss increase or a metric
     drop; negative values count as 0), params (units,), widths per choice (None: float). With max_harm: the
     smallest model whose summed harm is at most max_harm; with avg_bits: the least harm within that average
     width. Units in `never_float` (row indices) cannot take None; `forbid` lists earlier picks (choice index per
-    unit) the solution must differ from. Returns (the choice index per unit, the summed harm).
+    unit) the solution must differ from; `layers` (units,) counts the layers of each unit, of which at least
+    `min_narrow` must take a width below 8 bits. Returns (the choice index per unit, the summed harm).
     Raises FxQuantError when no assignment meets the budget."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -147,6 +148,9 @@ def solve(harm: np.ndarray, params: np.ndarray, widths: list[int | None], *, max
     upper = np.ones((n_units, n_choices))
     if None in widths:
         upper[list(never_float), widths.index(None)] = 0
+    if min_narrow:
+        narrow = np.array([w is not None and w < 8 for w in widths], dtype=float)
+        cuts.append(LinearConstraint(np.kron(np.asarray(layers, dtype=float), narrow)[None, :], min_narrow, np.inf))
     res = milp(objective, constraints=[one_each, budget, *cuts], integrality=np.ones_like(objective),
                bounds=Bounds(0, upper.ravel()))
     if res.x is None:
@@ -194,12 +198,15 @@ def unit_costs(model, batches, calib, widths, *, metric=None, progress=False, **
 
 def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, avg_bits: float | None = None,
                     bits=(2, 4, 8), allow_float: bool = True, w_bits: int = 8, a_bits: int = 8, metric=None,
-                    calib_data=None, holdout=None, rounds: int = 8, progress: bool = True, **quantize_options) -> MixedPrecision:
+                    narrow_fraction: float | None = None, calib_data=None, holdout=None, rounds: int = 8,
+                    progress: bool = True, **quantize_options) -> MixedPrecision:
     """Choose a width per layer among `bits` (w = a) or float, under one budget; see the module docstring.
 
     data: (inputs, targets) batches the costs are measured on and the plan checked against (a validation split).
     max_drop: metric points below the float model allowed (floor = float - max_drop). avg_bits: the average
     weight width allowed, float layers counting 32. w_bits/a_bits: the base widths, also tried per layer.
+    narrow_fraction: at least this fraction of the layers below 8 bits (a constraint of the program; the size
+    objective alone keeps tiny layers such as a stem conv at 8 bits, where they cost almost nothing).
     rounds: solve-and-measure rounds of the bisection on the KL budget (max_drop). holdout: (inputs, targets)
     batches never used to choose, measured at the end.
     """
@@ -218,11 +225,14 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
     losses = np.array([[table[c][u][1] if c is not None else 0.0 for c in choices] for u in range(n_rows)])
     params = np.array([sum(layer.params for layer in g) for g in groups] + [0] * bool(rest), dtype=float)
     never_float = [len(groups)] if rest else []
+    n_layers = [len(g) for g in groups] + [0] * bool(rest)
+    min_narrow = math.ceil(narrow_fraction * sum(n_layers) - 1e-9) if narrow_fraction else 0
     measured: dict[tuple, MixedPrecision] = {}
 
     def plan_for(budget: float | None, size_budget: float | None = avg_bits) -> MixedPrecision | None:
         try:
-            pick, predicted_loss = solve(losses, params, choices, max_harm=budget, avg_bits=size_budget, never_float=never_float)
+            pick, predicted_loss = solve(losses, params, choices, max_harm=budget, avg_bits=size_budget, never_float=never_float,
+                                         layers=n_layers, min_narrow=min_narrow)
         except FxQuantError:
             return None  # nothing fits this KL budget
         if tuple(pick) in measured:

@@ -293,3 +293,16 @@ def test_mean_kl_against_torch_kl_div():
     expected = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="batchmean")
     assert mean_kl(a, b) == pytest.approx(float(expected), rel=1e-5)
     assert mean_kl(a, a) == 0.0 and mean_kl(a, b) > 0
+
+
+def test_milp_keeps_the_narrow_fraction():
+    """Tiny units cost nothing at 8 bits; min_narrow forces enough layers below 8 (checked against enumeration)."""
+    widths = [2, 4, 8, None]
+    drops = np.array([[5.0, 0.3, 0.0, 0.0], [5.0, 0.3, 0.0, 0.0], [0.2, 0.1, 0.0, 0.0]])
+    params = np.array([10.0, 20.0, 5000.0])
+    free, _ = solve(drops, params, widths, max_harm=0.5)
+    assert [widths[i] for i in free] == [8, 4, 2]  # the 10-parameter unit stays at 8: 0.3 more harm does not fit
+    forced, harm = solve(drops, params, widths, max_harm=0.7, layers=[1, 1, 1], min_narrow=3)
+    assert [widths[i] for i in forced] == [4, 4, 4] and harm == pytest.approx(0.7)
+    with pytest.raises(fxquant.FxQuantError):
+        solve(drops, params, widths, max_harm=0.5, layers=[1, 1, 1], min_narrow=3)
