@@ -41,7 +41,7 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
 from fxquant.numerics import _along, dequantize, quantize
-from fxquant.sensitivity import format_table, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
+from fxquant.sensitivity import format_table, only, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
 
 ONE_STEP = 1 + 1e-4  # the float rounding of (q - zp) * scale itself (as fxquant.check.agreement)
 
@@ -192,13 +192,15 @@ def _check_names(int8: fx.GraphModule, path: str, qnodes: list[fx.Node]) -> None
 
 
 def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx_path: str | None, inputs, *,
-            cpu: str | None = None) -> CompareReport:
+            cpu: str | None = None, reference: str = "model") -> CompareReport:
     """Line up float, fake-quant, int8 and ONNX Runtime by node name (see the module docstring).
 
     model: the float nn.Module; qmodel: its fake-quant GraphModule (calibrated or trained); int8: convert(qmodel);
     onnx_path: export_onnx(int8 or qmodel, onnx_path, ...), or None to leave ONNX Runtime out; inputs: one batch,
     a tensor (N, ...) or a tuple of tensors; cpu: None (this machine) or a name of fxquant.check.CPUS ("haswell",
-    "nehalem"; case ignored), run under qemu-user.
+    "nehalem"; case ignored), run under qemu-user. reference: "model" (the float values are `model`'s) or "own"
+    (qmodel's own weights with every fake-quant off: the quantization noise alone, for a QAT model whose
+    weights have moved away from `model`'s).
     """
     inputs = _inputs(inputs)
     if not isinstance(int8, fx.GraphModule) or not _quantize_nodes(int8):
@@ -211,7 +213,13 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
             raise FxQuantError(f"compare: {onnx_path}: no such file")
         _check_names(int8, onnx_path, qnodes)
     qmodel = qmodel.eval()
-    floats = _float_values(model, inputs)
+    if reference not in ("model", "own"):
+        raise FxQuantError(f"compare: reference={reference!r}; expected 'model' or 'own'")
+    if reference == "model":
+        floats = _float_values(model, inputs)
+    else:
+        with only(qmodel, ()):
+            floats = _record(qmodel, inputs, lambda n: True)
     fq_values = _record(qmodel, inputs, lambda n: n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), FakeQuantize))
     int8_q = _record(int8, inputs, lambda n: n.target is quantize)
     ort, forced = {}, None
@@ -305,49 +313,61 @@ def plot_sqnr(reports: dict, stem: str, *, keys=None, title: str = "SQNR against
 
 @dataclass
 class Improvement:
-    """Per point, the int8 graph's SQNR against the float model for each quantized model (e.g. PTQ and QAT)."""
+    """Per point, the int8 graph's SQNR for each quantized model (e.g. PTQ and QAT) against the float model
+    (`reports`) and against its own weights in float (`own`: the quantization noise alone)."""
 
-    reports: dict  # label -> CompareReport (no ONNX file)
+    reports: dict  # label -> CompareReport against the float model (no ONNX file)
+    own: dict  # label -> CompareReport against the model's own weights, fake-quants off
 
     def rows(self) -> list[tuple]:
-        labels = list(self.reports)
-        first = self.reports[labels[0]]
-        by = {label: {p.name: p.sqnr_int8_db for p in rep.points} for label, rep in self.reports.items()}
-        return [(p.name, *(by[label].get(p.name, math.nan) for label in labels)) for p in first.points]
+        """(point, SQNR vs float per label..., SQNR vs own weights per label...)"""
+        labels, first = list(self.reports), next(iter(self.reports.values()))
+        by = {(kind, label): {p.name: p.sqnr_int8_db for p in rep.points}
+              for kind, reps in (("float", self.reports), ("own", self.own)) for label, rep in reps.items()}
+        return [(p.name, *(by[(kind, label)].get(p.name, math.nan) for kind in ("float", "own") for label in labels))
+                for p in first.points]
 
     def __str__(self) -> str:
         labels = list(self.reports)
-        gain = len(labels) == 2
-        cols = ("layer (quantize point)", *(f"{label} dB" for label in labels), *(("gain dB",) if gain else ()))
+        cols = ("layer (quantize point)", *(f"{label} vs FP32" for label in labels), *(f"{label} vs own" for label in labels))
         fmt = lambda v: "" if math.isnan(v) else f"{v:.1f}"
-        rows = [(name, *map(fmt, vals), *((fmt(vals[1] - vals[0]),) if gain else ())) for name, *vals in self.rows()]
-        outs = [rep.output_sqnr_db.get("int8", math.nan) for rep in self.reports.values()]
-        rows.append(("model output (logits)", *map(fmt, outs), *((fmt(outs[1] - outs[0]),) if gain else ())))
-        return "SQNR of the int8 reference graph against the float model, per layer\n" + format_table(cols, rows)
+        rows = [(name, *map(fmt, vals)) for name, *vals in self.rows()]
+        outs = [rep.output_sqnr_db.get("int8", math.nan) for reps in (self.reports, self.own) for rep in reps.values()]
+        rows.append(("model output (logits)", *map(fmt, outs)))
+        return ("SQNR (dB) of each int8 reference graph against the float model (vs FP32) and against its own weights in\n"
+                "float (vs own: the quantization noise alone; QAT moves the weights, so the two differ)\n"
+                + format_table(cols, rows))
 
     def to_json(self) -> dict:
         clean = lambda v: None if not math.isfinite(v) else v
-        return {"format": "fxquant.improvement/1", "labels": list(self.reports),
+        return {"format": "fxquant.improvement/2", "labels": list(self.reports),
+                "columns": [f"{label} {kind}" for kind in ("vs FP32", "vs own") for label in self.reports],
                 "rows": [[name, *map(clean, vals)] for name, *vals in self.rows()],
-                "output_sqnr_db": {label: clean(rep.output_sqnr_db.get("int8", math.nan)) for label, rep in self.reports.items()},
+                "output_sqnr_db": {f"{label} {kind}": clean(rep.output_sqnr_db.get("int8", math.nan))
+                                   for kind, reps in (("vs FP32", self.reports), ("vs own", self.own)) for label, rep in reps.items()},
                 "overlays": self.overlays()}
 
     def overlays(self) -> list[dict]:
-        return [viewer_overlay(f"sqnr_int8_db_{label}", "higher", ((p.layer, p.sqnr_int8_db) for p in rep.points))
-                for label, rep in self.reports.items()]
+        return [viewer_overlay(f"sqnr_int8_db_{label}{suffix}", "higher", ((p.layer, p.sqnr_int8_db) for p in rep.points))
+                for suffix, reps in (("", self.reports), ("_own", self.own)) for label, rep in reps.items()]
 
     def save(self, stem: str) -> list[str]:
-        """STEM.json, STEM.<overlay>.json, STEM.png and STEM.svg (SQNR per layer, one line per model)."""
+        """STEM.json, STEM.<overlay>.json, STEM.png and STEM.svg (SQNR per layer, one line per model and reference)."""
         paths = write_report(self.to_json(), self.overlays(), stem)
-        title = "what " + " -> ".join(self.reports) + " changed: int8 SQNR against float, per layer"
-        return paths + plot_sqnr(self.reports, stem, title=title)
+        lines = {**{f"{label} vs FP32": rep for label, rep in self.reports.items()},
+                 **{f"{label} vs own weights": rep for label, rep in self.own.items()}}
+        title = "what " + " -> ".join(self.reports) + " changed: int8 SQNR per layer"
+        return paths + plot_sqnr(lines, stem, title=title)
 
 
 def improvement(model: nn.Module, qmodels: dict, inputs) -> Improvement:
-    """`compare` of each fake-quant model in `qmodels` (label -> qmodel, e.g. {"PTQ": ptq, "QAT": qat}) against the
-    float `model` on one batch `inputs`, through its reference int8 graph (convert): "what QAT improved"."""
+    """`compare` of each fake-quant model in `qmodels` (label -> qmodel, e.g. {"PTQ": ptq, "QAT": qat}) through its
+    reference int8 graph (convert) on one batch `inputs`, against the float `model` and against its own weights:
+    "what QAT improved"."""
     import fxquant
 
     if not qmodels:
         raise FxQuantError("improvement: qmodels is empty; pass {label: fake-quant model}")
-    return Improvement({label: compare(model, q, fxquant.convert(q), None, inputs) for label, q in qmodels.items()})
+    int8 = {label: fxquant.convert(q) for label, q in qmodels.items()}
+    return Improvement({label: compare(model, q, int8[label], None, inputs) for label, q in qmodels.items()},
+                       {label: compare(model, q, int8[label], None, inputs, reference="own") for label, q in qmodels.items()})

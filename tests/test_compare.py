@@ -145,3 +145,23 @@ def test_a_vnni_layer_run_as_haswell_is_the_layer_named(tmp_path):
     assert rep.first_divergent == "conv2_fq", str(rep)
     assert rep.cpu == "haswell" and "AVX2" in rep.isa and "conv2_fq" in str(rep)
     assert compare(model, qmodel, int8, path, x, cpu="nehalem").first_divergent is None
+
+
+def test_improvement_own_weights_equal_float_until_the_weights_move(built, tmp_path):
+    """Two PTQ models: their own weights are the float model's, so "vs own" equals "vs FP32" (two computations,
+    the float trace of `model` and the fake-quant graph with its fake-quants off). Moving one model's weights
+    (as QAT does) lowers its SQNR against FP32 but not against its own weights."""
+    from fxquant.compare import improvement
+
+    model, qmodel, int8, path, x = built
+    moved = fxquant.quantize(model, x[:1], calib_data=[x], reduce_range=True, progress=False)
+    with torch.no_grad():
+        moved.conv2.weight.mul_(1.3)
+    imp = improvement(model, {"PTQ": qmodel, "moved": moved}, x)
+    rows = {name: vals for name, *vals in imp.rows()}
+    ptq_fp32, moved_fp32, ptq_own, moved_own = rows["conv3_fq"]
+    assert ptq_fp32 == pytest.approx(ptq_own, abs=1e-3)
+    assert moved_fp32 < ptq_fp32 - 3 and moved_own > moved_fp32 + 3
+    assert rows["conv1_fq"][1] == pytest.approx(rows["conv1_fq"][3], abs=1e-3)  # upstream of the move: the same
+    paths = imp.save(str(tmp_path / "imp"))
+    assert any(p.endswith("imp.sqnr_int8_db_moved_own.json") for p in paths) and "vs own" in str(imp)

@@ -45,7 +45,8 @@ def test_run_demo_fast_keeps_files_and_writes_json(tmp_path):
     assert r["fast"] is True and r["n_train"] + r["n_test"] <= 1000
     assert sorted(os.listdir(out)) == ["digitnet_fp32.onnx", "digitnet_int8.onnx", "qat_improvement.json",
                                        "qat_improvement.png", "qat_improvement.sqnr_int8_db_PTQ.json",
-                                       "qat_improvement.sqnr_int8_db_QAT.json", "qat_improvement.svg"]
+                                       "qat_improvement.sqnr_int8_db_PTQ_own.json", "qat_improvement.sqnr_int8_db_QAT.json",
+                                       "qat_improvement.sqnr_int8_db_QAT_own.json", "qat_improvement.svg"]
     assert [row[0] for row in r["qat_improvement"]["rows"]][:2] == ["x_fq", "stem_0_fq"]
     assert os.path.getsize(r["int8_onnx_path"]) == r["int8_onnx_bytes"]
     ops = {node.op_type for node in onnx.load(r["int8_onnx_path"]).graph.node}
