@@ -255,13 +255,18 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
                 by_name[name].steps_int8_onnx = steps
     first = next((p.name for p in points if p.steps_int8_onnx > ONE_STEP), None)
     isa = forced.isa if forced is not None else None
-    return CompareReport(points, first, cpu, _output_sqnr(model, qmodel, int8, inputs, forced), isa)
+    return CompareReport(points, first, cpu, _output_sqnr(model if reference == "model" else None, qmodel, int8, inputs, forced), isa)
 
 
 def _output_sqnr(model, qmodel, int8, inputs, forced) -> dict:
-    """SQNR (dB) of each implementation's (first) output against the float model's."""
+    """SQNR (dB) of each implementation's (first) output against the float model's (model None: qmodel's own
+    weights, every fake-quant off)."""
     with torch.no_grad():
-        ref = _first(model.eval()(*inputs)).double()
+        if model is None:
+            with only(qmodel, ()):
+                ref = _first(qmodel(*inputs)).double()
+        else:
+            ref = _first(model.eval()(*inputs)).double()
         outs = {"fq": _first(qmodel(*inputs)), "int8": _first(int8(*inputs))}
     if forced is not None:
         outs["onnx"] = torch.from_numpy(np.asarray(forced.outputs[0]))  # the file as deployed, nothing exposed

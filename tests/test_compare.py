@@ -163,5 +163,6 @@ def test_improvement_own_weights_equal_float_until_the_weights_move(built, tmp_p
     assert ptq_fp32 == pytest.approx(ptq_own, abs=1e-3)
     assert moved_fp32 < ptq_fp32 - 3 and moved_own > moved_fp32 + 3
     assert rows["conv1_fq"][1] == pytest.approx(rows["conv1_fq"][3], abs=1e-3)  # upstream of the move: the same
+    assert imp.own["moved"].output_sqnr_db["int8"] > imp.reports["moved"].output_sqnr_db["int8"] + 3
     paths = imp.save(str(tmp_path / "imp"))
     assert any(p.endswith("imp.sqnr_int8_db_moved_own.json") for p in paths) and "vs own" in str(imp)
