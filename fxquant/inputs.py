@@ -54,7 +54,10 @@ def forward_arity(model: nn.Module, fixed=()) -> int | None:
     """The positional parameters of `model.forward` without a default, other than those in `fixed`
     (concrete_args' names): the inputs a calibration batch gives (forward(x, mask=None) reads x from a
     DataLoader's (x, y); the mask takes its default). None when forward takes *args."""
-    parameters = inspect.signature(model.forward).parameters.values()
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward Python cannot introspect: take every item of a batch
+        return None
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return None
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in fixed and p.default is p.empty
