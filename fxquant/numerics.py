@@ -35,7 +35,7 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)  # quantized as their float32 va
 def quantize(x_fp32, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, dtype: str = "int32"):
     """QuantizeLinear. Returns the integer tensor stored as `dtype` (torch.round is half-to-even).
     A float16 / bfloat16 input is quantized as its float32 value (x / s in float16 would round twice)."""
-    if x_fp32.dtype in LOW_PRECISION:
+    if isinstance(x_fp32, torch.Tensor) and x_fp32.dtype in LOW_PRECISION:  # not an fx Proxy (unpickling retraces)
         x_fp32 = x_fp32.float()
     scale, zero_point = along(scale, x_fp32, axis), along(zero_point, x_fp32, axis)
     q = torch.round(x_fp32 / scale) + zero_point
@@ -94,7 +94,7 @@ def _in_float32(fn):
     the one `quantize` uses, so x / s is not rounded to 11 (or 8) bits first."""
 
     def wrapped(x, *args, **kwargs):
-        if x.dtype in LOW_PRECISION:
+        if isinstance(x, torch.Tensor) and x.dtype in LOW_PRECISION:
             return fn(x.float(), *args, **kwargs).to(x.dtype)
         return fn(x, *args, **kwargs)
 
