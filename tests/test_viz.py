@@ -329,12 +329,13 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_page_data_cannot_close_its_script_tag():
-    data = {"title": "t</script><script>alert(1)</script>", "stages": [chain_stage(3, False)], "overlays": [], "notes": [],
+    data = {"title": "t</script><script>alert(1)</script>{{DATA}}", "stages": [chain_stage(3, False)], "overlays": [], "notes": [],
             "metadata": {}, "elk": "0.12.1"}
     data["stages"][0]["nodes"][1]["n"] = "</script><!--"
     page = render_page(data)
     body = page.split('id="fxviz-data">', 1)[1].split("</script>", 1)[0]
     assert json.loads(body.replace("<\\/", "</").replace("<\\!--", "<!--"))["stages"][0]["nodes"][1]["n"] == "</script><!--"
+    assert "<title>t&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;{{DATA}}</title>" in page
 
 
 def test_cli(tmp_path, capsys):
