@@ -451,3 +451,10 @@ def test_sqnr_with_some_stages_still_matches_fused_layers(tmp_path, net_page):
     assert list(result.stages) == ["onnx"]
     values = page_data(tmp_path / "p.html")["overlays"][0]["values"]
     assert values["stem"] == pytest.approx(data["overlays"][0]["values"]["stem"], abs=1e-3)  # against the traced ReLU
+
+
+def test_fxquant_viz_is_callable_and_a_package(tmp_path):
+    import fxquant.viz.outputs  # noqa: F401 - the package's modules still import
+
+    result = fxquant.viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html", stages=["traced"])
+    assert result.path == str(tmp_path / "p.html") and "viz" in fxquant.__all__
