@@ -269,7 +269,9 @@ def test_a_stage_that_fails_is_shown_with_its_error(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise FxQuantError("export_onnx: no converter for op 'frobnicate'")
 
-    monkeypatch.setattr(fxquant, "export_onnx", broken_export)
+    import fxquant.onnx
+
+    monkeypatch.setattr(fxquant.onnx, "export_onnx", broken_export)  # what fxquant.viz.build calls
     result = viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html")
     assert result.stages["int8"] > 0 and result.stages["onnx"] == -1 and "ort" not in result.stages
     assert "frobnicate" in result.errors["onnx"]
@@ -458,3 +460,10 @@ def test_fxquant_viz_is_callable_and_a_package(tmp_path):
 
     result = fxquant.viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html", stages=["traced"])
     assert result.path == str(tmp_path / "p.html") and "viz" in fxquant.__all__
+
+
+def test_model_stages_with_the_default_config(tmp_path):
+    from fxquant.viz.build import model_stages
+
+    built = model_stages(Net().eval(), (torch.randn(1, 3, 8, 8),), stages=["traced"])
+    assert [s.id for s in built.stages] == ["traced"] and built.qmodel is not None
