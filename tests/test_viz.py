@@ -467,3 +467,18 @@ def test_model_stages_with_the_default_config(tmp_path):
 
     built = model_stages(Net().eval(), (torch.randn(1, 3, 8, 8),), stages=["traced"])
     assert [s.id for s in built.stages] == ["traced"] and built.qmodel is not None
+
+
+def test_fxquant_compare_overlays_load_as_they_are(tmp_path):
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    qmodel = fxquant.quantize(model, (x,), calib_data=[x], progress=False)
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "net.onnx"
+    fxquant.export_onnx(int8, path, (x,))
+    overlays = fxquant.compare(model, qmodel, int8, str(path), x).overlays()
+    result = viz(model, x, tmp_path / "p.html", overlay=overlays, calib_data=[x])
+    assert result.overlays == [o["name"] for o in overlays] and len(overlays) >= 3
+    assert result.unknown == {}  # compare names layers the way the viewer's stages do
+    data = page_data(tmp_path / "p.html")
+    assert data["overlays"][0]["values"] and data["overlays"][0]["better"] == "higher"
