@@ -1,16 +1,29 @@
-"""fxquant: a quantization compiler for PyTorch built on torch.fx."""
+"""fxquant: a quantization compiler for PyTorch built on torch.fx.
 
-from fxquant.api import calibrate, convert, prepare_passes, quantize, set_fake_quant
-from fxquant.compare import CompareReport, compare
+The public API (everything else is reached by its module: fxquant.nn, fxquant.passes, fxquant.backends...):
+
+    quantize(model, example_inputs, config=None, **options) -> fake-quant GraphModule    QuantConfig: the options
+    calibrate(qmodel, data)          convert(qmodel) -> reference int8 GraphModule
+    export_onnx(model, path, example_inputs)             check_onnx(path) -> rule violations
+    set_fake_quant / freeze_bn       report(qmodel) -> Report     prepare_passes(config)    QuantSpec, FxQuantError
+    viz(model_or_onnx, example_inputs, "page.html") -> every stage on one self-contained HTML page
+    sensitivity(model, data) -> per-layer report   mixed_precision(model, data, max_drop=) -> layer_bits / exclude
+    compare(model, qmodel, int8, onnx_path, inputs, cpu=) -> float, fake-quant, int8, ONNX Runtime per layer
+"""
+
+from fxquant.api import calibrate, convert, prepare_passes, quantize
+from fxquant.config import QuantConfig
 from fxquant.errors import FxQuantError
-from fxquant.onnx_check import check_onnx
-from fxquant.onnx_export import export_onnx
+from fxquant.nn import set_fake_quant
+from fxquant.onnx import check_onnx, export_onnx
+from fxquant.compare import CompareReport, compare
 from fxquant.mixed_precision import MixedPrecision, mixed_precision
 from fxquant.qat import freeze_bn
 from fxquant.report import Report, report
 from fxquant.sensitivity import SensitivityReport, sensitivity
 from fxquant.specs import QuantSpec
+from fxquant import viz  # a package you can call: fxquant.viz(model, ...) is fxquant.viz.viz(model, ...)
 
-__all__ = ["quantize", "calibrate", "convert", "export_onnx", "set_fake_quant", "prepare_passes", "QuantSpec", "FxQuantError",
-           "freeze_bn", "report", "Report", "check_onnx",
-           "sensitivity", "SensitivityReport", "compare", "CompareReport", "mixed_precision", "MixedPrecision"]
+__all__ = ["quantize", "calibrate", "convert", "export_onnx", "check_onnx", "QuantConfig", "set_fake_quant", "freeze_bn",
+           "report", "Report", "prepare_passes", "QuantSpec", "FxQuantError", "viz",
+           "sensitivity", "SensitivityReport", "mixed_precision", "MixedPrecision", "compare", "CompareReport"]

@@ -8,12 +8,14 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from fxquant.backends import BACKEND_META, load_backend
+from fxquant.backends import BACKEND_META
+from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
-from fxquant.nn import FakeQuantize
+from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, first_batch, forward_arity, one_row
+from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
 from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.pending import PendingQuantization, not_run_yet
 from fxquant.pipeline import paused_gc, run_passes
-from fxquant.specs import FAKE_QUANTS, OBSERVERS, check_bits
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -46,53 +48,35 @@ def copy_model(model: nn.Module) -> nn.Module:
         return module(model)
 
 
-def _as_inputs(example_inputs, name="example_inputs") -> tuple:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-    if not isinstance(inputs, (tuple, list)) or not inputs:
-        raise FxQuantError(f"{name}: expected a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}")
-    return tuple(inputs)
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value is not None and value not in allowed:
-        raise FxQuantError(f"{name}={value!r}: expected None (the backend's) or one of {allowed}")
-
-
-def prepare_passes(*, example_inputs, backend, w_bits=8, a_bits=8, exclude=(), leaf_modules=(), concrete_args=None,
-                   qat=False, fake_quant=None, observer=None, layer_bits=None):
-    """The prepare pipeline, as a list you can read (and pass to `run_passes` yourself)."""
+def prepare_passes(config: QuantConfig | None = None, *, example_inputs, **overrides) -> list:
+    """The prepare pipeline for `config` (keywords override its fields), as a list you can read and pass to
+    `fxquant.pipeline.run_passes` yourself."""
+    config = (config or QuantConfig()).replace(**overrides)
     return [
-        partial(trace_model, example_inputs=example_inputs, leaf_modules=leaf_modules, exclude=exclude, concrete_args=concrete_args,
-                auto_leaf=True),
-        partial(fuse_modules, qat=qat),
-        partial(decompose_ops, exclude=exclude),
-        partial(annotate_quant, backend=backend, w_bits=w_bits, a_bits=a_bits, exclude=exclude,
-                fake_quant=fake_quant, observer=observer, layer_bits=layer_bits),
+        partial(trace_model, example_inputs=example_inputs, leaf_modules=config.leaf_modules, exclude=config.exclude,
+                concrete_args=config.as_kwargs()["concrete_args"], auto_leaf=True),
+        partial(fuse_modules, qat=config.qat),
+        partial(decompose_ops, exclude=config.exclude),
+        partial(annotate_quant, backend=config.backend_table(), w_bits=config.w_bits, a_bits=config.a_bits,
+                exclude=config.exclude, fake_quant=config.fake_quant, observer=config.observer,
+                layer_bits=config.as_kwargs()["layer_bits"]),
         insert_fake_quant,
     ]
 
 
-def quantize(
-    model: nn.Module,
-    example_inputs,
-    *,
-    backend: str = "onnxruntime",
-    qat: bool = False,
-    calib_data=None,
-    w_bits: int = 8,
-    a_bits: int = 8,
-    reduce_range: bool = False,
-    target: str | None = None,
-    fake_quant: str | None = None,
-    observer: str | None = None,
-    layer_bits: dict | None = None,
-    exclude=(),
-    leaf_modules=(),
-    concrete_args=None,
-    progress: bool = True,
-    pass_trace: list | None = None,
-) -> fx.GraphModule:
-    """Trace, fuse, annotate by `backend`'s rules and insert fake-quant; calibrate on `calib_data`.
+def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | None = None, *, calib_data=None,
+             progress: bool = True, pass_trace: list | None = None, **overrides) -> fx.GraphModule:
+    """Trace, fuse, annotate by the backend's rules and insert fake-quant; calibrate on `calib_data`.
+
+    `example_inputs` (a tensor or a tuple: the model's positional inputs) is only read for shapes. Left
+    out, they are `calib_data`'s first batch (a DataLoader's (x, y) gives x: as many items as the model's
+    forward takes), and with no data at all the passes that need shapes run at the first call of the
+    returned model or fxquant.calibrate(qmodel, data), once (fxquant.pending): the same model, bit for
+    bit, as quantize(model, those_inputs).
+
+    The options are one fxquant.QuantConfig (`config`), each field of which may also be given, or
+    overridden, as a keyword: quantize(model, x, w_bits=4) is quantize(model, x, QuantConfig(w_bits=4)).
+    The config is recorded in `qmodel.meta["fxquant_config"]` and in the exported ONNX file.
 
     The user's model is not modified. `exclude` names modules (qualified names or types) or
     functions to keep in float. With `qat=True` the result is in train mode with observers on.
@@ -117,49 +101,36 @@ def quantize(
     """
     if not isinstance(model, nn.Module):
         raise FxQuantError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_bits("w_bits", w_bits)
-    check_bits("a_bits", a_bits)
-    _check_choice("fake_quant", fake_quant, FAKE_QUANTS)
-    _check_choice("observer", observer, OBSERVERS)
-    rules = load_backend(backend, reduce_range=reduce_range, target=target)
-    if isinstance(exclude, (str, type)) or not isinstance(exclude, (tuple, list, set)):
-        raise FxQuantError(f"exclude={exclude!r}: expected a list of module names, module types or functions")
-    inputs = _as_inputs(example_inputs)
-    model = copy_model(model).train(qat)
-    passes = prepare_passes(
-        example_inputs=inputs, backend=rules, w_bits=w_bits, a_bits=a_bits,
-        exclude=tuple(exclude), leaf_modules=tuple(leaf_modules), concrete_args=concrete_args,
-        qat=qat, fake_quant=fake_quant, observer=observer, layer_bits=layer_bits,
-    )
-    qmodel = run_passes(model, passes, trace=pass_trace)
-    qmodel.meta[BACKEND_META] = rules
+    if config is not None and not isinstance(config, QuantConfig):
+        raise FxQuantError(f"config: expected an fxquant.QuantConfig, got {type(config).__name__}; "
+                           "pass options as keywords (w_bits=4) or as config=fxquant.QuantConfig(w_bits=4)")
+    config = (config or QuantConfig()).replace(**overrides)
+    config.backend_table()  # a table that does not load fails here, not at the first call
+    if example_inputs is NOT_GIVEN and calib_data is None:
+        build, n_inputs = partial(_prepared, config, pass_trace), forward_arity(model, dict(config.concrete_args or ()))
+        return PendingQuantization(copy_model(model).train(config.qat), build, n_inputs, config.qat)
+    if example_inputs is NOT_GIVEN:
+        inputs, calib_data = first_batch(calib_data, forward_arity(model, dict(config.concrete_args or ())))
+        recorded = one_row(inputs)  # what export_onnx uses when it is given none: one row of the first batch
+    else:
+        inputs = recorded = as_inputs(example_inputs)
+    model = copy_model(model).train(config.qat)
+    return _prepared(config, pass_trace, model, inputs, calib_data=calib_data, progress=progress, recorded=recorded)
+
+
+def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs: tuple, *, calib_data=None,
+              progress: bool = True, recorded=None) -> fx.GraphModule:
+    """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
+    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    qmodel.meta[BACKEND_META] = config.backend_table()
+    qmodel.meta[CONFIG_META] = config
+    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else recorded
     if calib_data is not None:
-        calibrate(qmodel, calib_data, n_inputs=len(inputs), progress=progress)
-    if qat:
+        calibrate(qmodel, calib_data, n_inputs=len(example_inputs), progress=progress)
+    if config.qat:
         set_fake_quant(qmodel, observe=True, enabled=True)
         qmodel.train()
     return qmodel
-
-
-def fake_quants(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, FakeQuantize)]
-
-
-def set_fake_quant(model: nn.Module, *, observe: bool | None = None, enabled: bool | None = None) -> None:
-    """Turn observing and fake-quantizing on or off for every FakeQuantize in the model."""
-    for fq in fake_quants(model):
-        if observe is not None:
-            fq.observe = observe
-        if enabled is not None:
-            fq.enabled = enabled
-
-
-def _batch_inputs(batch, n_inputs: int, index: int) -> tuple:
-    inputs = _as_inputs(batch, name=f"calib_data batch {index}")[:n_inputs]
-    for t in inputs:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise FxQuantError(f"calib_data batch {index} contains NaN or Inf; calibration needs finite inputs")
-    return inputs
 
 
 @torch.no_grad()
@@ -171,9 +142,13 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     DataLoader yielding (x, y) works as it is. `bias_correction=True` then shifts each layer's bias so
     its mean output per channel on `calib_data` is the float model's (fxquant.bias_correction; it reads
     `calib_data` once more per layer, so pass a list or a DataLoader).
+    A model from quantize(model) that has not run yet is built first, its shapes from the first batch.
     """
     from tqdm.auto import tqdm
 
+    if isinstance(qmodel, PendingQuantization):  # quantize(model) with no inputs: the first batch gives them
+        inputs, calib_data = first_batch(calib_data, n_inputs or qmodel.n_inputs)
+        qmodel.materialize(inputs, recorded=one_row(inputs))
     n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
     was_training = qmodel.training
     qmodel.eval()
@@ -181,7 +156,7 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     seen = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None
     for i, batch in enumerate(tqdm(calib_data, desc="calibrate", total=total, disable=not progress, leave=False)):
-        qmodel(*_batch_inputs(batch, n_inputs, i))
+        qmodel(*batch_inputs(batch, n_inputs, i))
         seen += 1
     if seen == 0:
         raise FxQuantError("calib_data is empty: pass an iterable of at least one input batch")
@@ -199,6 +174,8 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:
     """The reference int8 GraphModule: int8 weights, int32 bias, Q/DQ between ops (ONNX semantics)."""
+    if isinstance(qmodel, PendingQuantization):
+        raise not_run_yet("convert")
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError("convert: expected the fake-quant GraphModule returned by fxquant.quantize()")
     int8 = copy.deepcopy(qmodel).eval()

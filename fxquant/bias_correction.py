@@ -28,24 +28,24 @@ from collections import Counter
 import torch
 from torch import fx
 
-from fxquant.api import _batch_inputs, fake_quants, set_fake_quant
 from fxquant.errors import FxQuantError
-from fxquant.nn import FakeQuantize, _WeightedAct
+from fxquant.inputs import batch_inputs
+from fxquant.nn import FakeQuantize, WeightedAct, fake_quants, set_fake_quant
 
 
 class _Stop(Exception):
     """Raised by the measuring hook once the layer's output is recorded: the rest of the forward is not needed."""
 
 
-def correctable_layers(qmodel: fx.GraphModule) -> list[tuple[str, _WeightedAct]]:
+def correctable_layers(qmodel: fx.GraphModule) -> list[tuple[str, WeightedAct]]:
     """(name, module) of every layer bias correction shifts, in graph order."""
     calls = Counter(n.target for n in qmodel.graph.nodes if n.op == "call_module")
     modules = [(n.target, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes if n.op == "call_module"]
-    return [(name, m) for name, m in modules if calls[name] == 1 and isinstance(m, _WeightedAct)
+    return [(name, m) for name, m in modules if calls[name] == 1 and isinstance(m, WeightedAct)
             and m.weight_fq is not None and m.output_bias is not None]
 
 
-def _channel_means(qmodel: fx.GraphModule, layers: list[_WeightedAct], batches, *, stop: bool) -> list[torch.Tensor]:
+def _channel_means(qmodel: fx.GraphModule, layers: list[WeightedAct], batches, *, stop: bool) -> list[torch.Tensor]:
     """Per layer, the mean of its pre-activation output per channel over every batch and position (float64)."""
     sums: list = [0.0] * len(layers)
     counts = [0] * len(layers)
@@ -95,7 +95,7 @@ def correct_bias(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = N
     layers = correctable_layers(qmodel)
 
     def batches():
-        return (_batch_inputs(batch, n_inputs, i) for i, batch in enumerate(calib_data))
+        return (batch_inputs(batch, n_inputs, i) for i, batch in enumerate(calib_data))
 
     flags = [(fq, fq.observe, fq.enabled) for fq in fake_quants(qmodel)]
     was_training = qmodel.training

@@ -129,7 +129,7 @@ def _record(gm: fx.GraphModule, inputs, keep) -> dict[str, torch.Tensor]:
 def _float_values(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
     """Every node's value in `model` traced as quantize traces it, every fake-quant off (the float model)."""
     import fxquant
-    from fxquant.api import set_fake_quant
+    from fxquant import set_fake_quant
 
     traced = fxquant.quantize(model, inputs, progress=False).eval()
     set_fake_quant(traced, observe=False, enabled=False)

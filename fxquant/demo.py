@@ -229,7 +229,7 @@ def onnx_figures(model, qat, example, x_test, y_test, int8_pred, *, out_dir: str
     """Export the float model and the QAT model, run both in ONNX Runtime: accuracy, agreement, size, latency."""
     fp32_path, int8_path = os.path.join(out_dir, "digitnet_fp32.onnx"), os.path.join(out_dir, "digitnet_int8.onnx")
     export_float_onnx(model, fp32_path, example)
-    fxquant.export_onnx(qat, int8_path, example)
+    fxquant.export_onnx(qat, int8_path)  # the inputs the model recorded: one row of its first batch
     float_session, int8_session = ort_session(fp32_path), ort_session(int8_path)
     onnx_pred = ort_predict(int8_session, x_test)
     runs, warmup = (50, 5) if fast else (LATENCY_RUNS, LATENCY_WARMUP)
@@ -342,11 +342,11 @@ def run_demo(*, epochs: int = EPOCHS, qat_epochs: int = QAT_EPOCHS, fast: bool =
                       progress=progress, desc="float training").eval()
         r: dict = {"fp32_acc": percent(predict(model, x_test), y_test)}
 
-        ptq = fxquant.quantize(model, example, calib_data=calib, progress=progress)
+        ptq = fxquant.quantize(model, calib_data=calib, progress=progress)  # shapes from the first batch
         r["ptq_fake_quant_acc"] = percent(predict(ptq, x_test), y_test)
         r["ptq_acc"] = percent(predict(fxquant.convert(ptq), x_test), y_test)
 
-        qat = fxquant.quantize(model, example, qat=True, calib_data=calib, progress=progress)
+        qat = fxquant.quantize(model, qat=True, calib_data=calib, progress=progress)
         fxquant.freeze_bn(qat)  # a short fine-tune of a converged model: keep the float BN statistics
         train(qat, x_train, y_train, epochs=qat_epochs, lr=QAT_LR, generator=generator, augment=True,
               progress=progress, desc="QAT fine-tuning")

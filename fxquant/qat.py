@@ -11,7 +11,7 @@ Freezing BN (Krishnamoorthi 2018, sec. 3.2): after `freeze_bn`, training uses th
 train and eval compute the same function for the last steps. Freezing observers fixes the ranges of
 "ste" fake-quants; learned ("lsq") scales keep training, they are parameters.
 
-Distributed training: observers all-reduce their batch ranges in training mode (fxquant.nn.MinMaxObserver),
+Distributed training: observers all-reduce their batch ranges in training mode (fxquant.observers.MinMaxObserver),
 learned scales are parameters whose gradients DDP averages, and ConvBnAct2d's BN statistics are
 buffers that DDP broadcasts from rank 0 (its default broadcast_buffers=True), as for a plain BatchNorm.
 `assert_ranks_agree` checks that every rank holds the same qparams.
@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fxquant.api import fake_quants, set_fake_quant
 from fxquant.errors import FxQuantError
-from fxquant.nn import FakeQuantize, _BnFolded
+from fxquant.nn import BnFolded, FakeQuantize, fake_quants, set_fake_quant
+from fxquant.pending import PendingQuantization, not_run_yet
 
 
-def _bn_modules(qmodel: nn.Module) -> list[_BnFolded]:
-    return [m for m in qmodel.modules() if isinstance(m, _BnFolded)]
+def _bn_modules(qmodel: nn.Module) -> list[BnFolded]:
+    return [m for m in qmodel.modules() if isinstance(m, BnFolded)]
 
 
 def freeze_bn(qmodel: nn.Module) -> int:
@@ -39,6 +39,8 @@ def freeze_bn(qmodel: nn.Module) -> int:
     act(conv(x, fq(w_fold)) + b_fold). Raises FxQuantError on a model without any (a PTQ model, or one
     quantized without qat=True, has its BN folded into the weights already: nothing is left to freeze).
     """
+    if isinstance(qmodel, PendingQuantization):
+        raise not_run_yet("freeze_bn")
     modules = _bn_modules(qmodel)
     if not modules:
         raise FxQuantError(

@@ -77,6 +77,19 @@ def check_bits(name: str, bits) -> int:
     return bits
 
 
+def check_layer_bits(layer_bits) -> tuple:
+    """layer_bits ({module name: (w_bits, a_bits)}, or its items) as a tuple of (name, (w_bits, a_bits)), each width checked."""
+    if not isinstance(layer_bits, (dict, tuple)):
+        raise FxQuantError(f"layer_bits={layer_bits!r}: expected a dict {{module name: (w_bits, a_bits)}}")
+    items = tuple(layer_bits.items()) if isinstance(layer_bits, dict) else layer_bits
+    for name, bits in items:
+        if not (isinstance(bits, tuple) and len(bits) == 2):
+            raise FxQuantError(f"layer_bits[{name!r}]={bits!r}: expected a pair (w_bits, a_bits)")
+        check_bits(f"layer_bits[{name!r}] w_bits", bits[0])
+        check_bits(f"layer_bits[{name!r}] a_bits", bits[1])
+    return items
+
+
 def activation_spec(bits: int = 8, observer: str = "minmax") -> QuantSpec:
     """Per-tensor affine uint8 (narrowed to `bits`)."""
     return QuantSpec("uint8", 0, 255, observer=observer).with_bits(bits)

@@ -34,8 +34,15 @@ import sys
 
 import torch
 from torch import nn
+from torchvision.models import swin_transformer
 
 from fxquant.meta import matches_names
+
+
+def is_wrapped(fn) -> bool:
+    """A call_function fx did not trace into (torch.fx.wrap): not a torch op, operator or builtin."""
+    module = getattr(fn, "__module__", None) or ""
+    return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
 
 
 class NotDecomposable(RuntimeError):
@@ -193,7 +200,9 @@ class L2Normalize(FloatLeaf):
         return nn.functional.normalize(x, dim=-1)
 
 
-FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize)  # a backend row keeps them float
+# what a backend row keeps float: the helpers above, and torchvision's Swin patch-merging pad, a function it
+# marks torch.fx.wrap (private to torchvision, named here once)
+FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, swin_transformer._patch_merging_pad)
 
 
 class TracedWindowAttention(nn.Module):

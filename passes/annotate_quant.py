@@ -33,7 +33,7 @@ from torch import fx
 from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, exposed_to_pair_sums
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, matches_names, op_key
-from fxquant.specs import QuantSpec, check_bits
+from fxquant.specs import QuantSpec, check_layer_bits
 
 
 def _excluded(gm: fx.GraphModule, node: fx.Node, exclude) -> bool:
@@ -110,13 +110,8 @@ def _set_activation_bits(value: fx.Node, bits: int, layer: str, owners: dict) ->
 
 
 def _apply_layer_bits(gm: fx.GraphModule, layer_bits: dict, max_w_bits: int) -> None:
-    if not isinstance(layer_bits, dict):
-        raise FxQuantError(f"layer_bits={layer_bits!r}: expected a dict {{module name: (w_bits, a_bits)}}")
     owners: dict = {}
-    for name, bits in layer_bits.items():
-        if not (isinstance(bits, tuple) and len(bits) == 2):
-            raise FxQuantError(f"layer_bits[{name!r}]={bits!r}: expected a pair (w_bits, a_bits)")
-        w, a = check_bits(f"layer_bits[{name!r}] w_bits", bits[0]), check_bits(f"layer_bits[{name!r}] a_bits", bits[1])
+    for name, (w, a) in check_layer_bits(layer_bits):
         layers = _layers(gm, name) if isinstance(name, str) else []
         if not layers:
             known = sorted({n.target for n in gm.graph.nodes if n.op == "call_module" and KEY in n.meta and info(n).rule})

@@ -23,7 +23,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source, set_module
-from fxquant.nn import FakeQuantize, _WeightedAct, fused_class
+from fxquant.nn import FakeQuantize, WeightedAct, fused_class
 
 
 def _new_fake_quant(gm: fx.GraphModule, value: fx.Node, spec) -> fx.Node:
@@ -43,7 +43,7 @@ def _new_fake_quant(gm: fx.GraphModule, value: fx.Node, spec) -> fx.Node:
 
 def _quantize_weight(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     module = gm.get_submodule(node.target)
-    if not isinstance(module, _WeightedAct):
+    if not isinstance(module, WeightedAct):
         module = fused_class(module).from_float(module)
         set_module(gm, node.target, module)
     module.weight_fq = FakeQuantize(spec, channels=module.weight.shape[spec.axis], of_weight=True)

@@ -24,7 +24,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source
-from fxquant.nn import ConvAct2d, FakeQuantize, LinearAct, _WeightedAct
+from fxquant.nn import ConvAct2d, FakeQuantize, LinearAct, WeightedAct
 from fxquant.numerics import dequantize, quantize
 
 ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6}
@@ -53,7 +53,7 @@ def _check_calibrated(node: fx.Node, fq: FakeQuantize) -> None:
         )
 
 
-def _lower_weighted(b: _Builder, node: fx.Node, module: _WeightedAct, source: FakeQuantize | None) -> None:
+def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source: FakeQuantize | None) -> None:
     spec = module.weight_fq.spec
     w_int, w_scale, w_zp, float_bias = module.lowered()  # the forward's qparams; ConvBnAct2d: the BN folded in
     with b.graph.inserting_before(node):

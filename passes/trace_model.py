@@ -12,13 +12,12 @@ call_module node. A trace failure names the module and the source line that brok
 Each kept-whole call carries the reason in meta["fxquant"].leaf, for fxquant.report().
 nn.MultiheadAttention and torchvision's Swin attention are traced through stand-ins (fxquant.traceable) so
 their Linear layers quantize.
-Shapes come from a ShapeRunner: small tensors run for real, big ones on the meta device (shapes
-only, no arithmetic); code that reads tensor values makes the example inputs run for real.
+Shapes come from fxquant.shapes.ShapeRunner: small tensors run for real, big ones on the meta device
+(shapes only, no arithmetic); code that reads tensor values makes the example inputs run for real.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import traceback
 
@@ -27,7 +26,8 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import info, matches_names
-from fxquant.traceable import FloatLeaf, with_stand_ins
+from fxquant.shapes import ShapeRunner, one_thread
+from fxquant.traceable import FloatLeaf, is_wrapped, with_stand_ins
 
 
 class _Tracer(fx.Tracer):
@@ -87,80 +87,6 @@ def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False) 
             raise FxQuantError(f"torch.fx cannot trace {module} at {why}. Fix: pass {fix}.") from exc
 
 
-SMALL = 2**16  # elements: a real kernel on a tensor this small beats the meta device's Python shape functions
-# modules whose output has their input's shape and dtype: on the meta device, no need to call them
-SAME_SHAPE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Dropout, nn.Identity, nn.GELU,
-              nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LayerNorm)
-
-
-def _to_meta(value):
-    return value.to("meta") if isinstance(value, torch.Tensor) else value
-
-
-def _tensors(args) -> list[torch.Tensor]:
-    found = []
-    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, torch.Tensor) else None)
-    return found
-
-
-def _all_to_meta(args):
-    return fx.node.map_aggregate(args, _to_meta)
-
-
-@contextlib.contextmanager
-def _on_meta(module: nn.Module):
-    """`module` with its parameters and buffers swapped for meta tensors until the block ends."""
-    saved = [(m, m._parameters, m._buffers) for m in module.modules()]
-    try:
-        for m, params, buffers in saved:
-            m._parameters = {k: _to_meta(v) for k, v in params.items()}
-            m._buffers = {k: _to_meta(v) for k, v in buffers.items()}
-        yield module
-    finally:
-        for m, params, buffers in saved:
-            m._parameters, m._buffers = params, buffers
-
-
-class ShapeRunner(fx.Interpreter):
-    """Runs a graph to learn its values' shapes, cheaply, keeping every node's value in `values`.
-
-    A call whose tensor arguments are all real and small runs for real (microseconds); any other call
-    runs on the meta device, where ops compute shapes only (a 224x224 ResNet-50 in milliseconds). With
-    `real=True` every call runs for real: code that reads tensor values needs that.
-    """
-
-    def __init__(self, gm: fx.GraphModule, *, real: bool = False):
-        super().__init__(gm)
-        self.real, self.values = real, {}
-
-    def run_node(self, n: fx.Node):
-        self.values[n] = value = super().run_node(n)
-        return value
-
-    def _meta(self, args, kwargs) -> bool:
-        return not self.real and any(t.device.type == "meta" or t.numel() > SMALL for t in _tensors((args, kwargs)))
-
-    def call_function(self, target, args, kwargs):
-        if self._meta(args, kwargs):
-            args, kwargs = _all_to_meta((args, kwargs))
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target, args, kwargs):
-        if self._meta(args, kwargs):
-            args, kwargs = _all_to_meta((args, kwargs))
-        return super().call_method(target, args, kwargs)
-
-    def call_module(self, target, args, kwargs):
-        if not self._meta(args, kwargs):
-            return super().call_module(target, args, kwargs)
-        args, kwargs = _all_to_meta((args, kwargs))
-        module = self.fetch_attr(target)
-        if type(module) in SAME_SHAPE and len(args) == 1 and not kwargs:
-            return args[0]
-        with _on_meta(module) as module:
-            return module(*args, **kwargs)
-
-
 class _ShapeRecorder(ShapeRunner):
     def run_node(self, n: fx.Node):
         try:
@@ -174,17 +100,6 @@ class _ShapeRecorder(ShapeRunner):
         else:
             info(n)  # every traced node carries fxquant's meta, tensor or not
         return value
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one thread for the block: on small tensors, waking a thread pool costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -217,12 +132,6 @@ def _bind_concrete_args(gm: fx.GraphModule, model: nn.Module, concrete_args) -> 
             gm.graph.erase_node(node)
 
 
-def _is_wrapped(fn) -> bool:
-    """A call_function fx did not trace into (torch.fx.wrap): not a torch op, operator or builtin."""
-    module = getattr(fn, "__module__", None) or ""
-    return module.split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
-
-
 def _mark_leaves(gm: fx.GraphModule, leaf_modules, exclude, broken: dict) -> None:
     for node in gm.graph.nodes:
         why = None
@@ -236,7 +145,7 @@ def _mark_leaves(gm: fx.GraphModule, leaf_modules, exclude, broken: dict) -> Non
                 why = "leaf_modules=: kept whole as asked"
             elif type(module) is nn.MultiheadAttention:
                 why = "nn.MultiheadAttention in a form fxquant does not decompose (bias_k, add_zero_attn)"
-        elif node.op == "call_function" and _is_wrapped(node.target):
+        elif node.op == "call_function" and is_wrapped(node.target):
             why = f"torch.fx.wrap: fx calls {getattr(node.target, '__qualname__', node.target)} whole"
         info(node).leaf = why
 

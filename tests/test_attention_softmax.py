@@ -14,7 +14,7 @@ from torch import nn
 import fxquant
 from fxquant.backends import Backend, load_backend
 from fxquant.check import ort_session
-from fxquant.onnx_check import check_onnx
+from fxquant.onnx.check import check_onnx
 
 from conftest import assert_file_matches_int8
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxquant
 from fxquant.check import agreement, ort_session, output_scale, run_onnx
-from fxquant.onnx_export import weight_dequantize_count
+from fxquant.onnx.export import weight_dequantize_count
 
 
 class ResNetTiny(nn.Module):

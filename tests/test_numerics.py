@@ -14,7 +14,8 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from fxquant import FxQuantError, QuantSpec
-from fxquant.nn import CurrentMinMaxObserver, FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
+from fxquant.nn import FakeQuantize
+from fxquant.observers import CurrentMinMaxObserver, MinMaxObserver, MovingAverageMinMaxObserver
 from fxquant.numerics import dequantize, fake_quant, qparams_from_range, quantize
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
 

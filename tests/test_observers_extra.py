@@ -12,7 +12,8 @@ import torch
 
 import fxquant
 from fxquant import FxQuantError, QuantSpec
-from fxquant.nn import FakeQuantize, HistogramObserver
+from fxquant.nn import FakeQuantize
+from fxquant.observers import HistogramObserver
 from fxquant.numerics import dequantize, fake_quant, qparams_from_range, quantize
 from fxquant.specs import activation_spec, weight_spec
 

@@ -1,4 +1,4 @@
-"""onnx_check: exported files pass their backend's rules; each deliberately broken file names its node."""
+"""fxquant.onnx.check: exported files pass their backend's rules; each deliberately broken file names its node."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import fxquant
-from fxquant.onnx_check import Violation, check_onnx
+from fxquant.onnx.check import Violation, check_onnx
 
 from conftest import ResidualCatNet, randomize_batchnorms
 

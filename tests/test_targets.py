@@ -20,7 +20,7 @@ import fxquant
 from fxquant import check
 from fxquant.backends import BACKEND_META, load_backend
 from fxquant.demo import DigitNet, load_digits
-from fxquant.onnx_check import TARGET_KEY
+from fxquant.onnx.metadata import TARGET_KEY
 
 from conftest import assert_file_matches_int8, randomize_batchnorms
 

@@ -388,10 +388,10 @@ def test_external_data_writes_two_files_that_onnxruntime_reads(tmp_path):
 
 
 def test_external_data_switches_on_past_protobufs_limit(tmp_path, monkeypatch):
-    import fxquant.onnx_export as onnx_export
+    import fxquant.onnx.save as onnx_save
 
     x = _images(2, 3, 8, 8)
-    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 64 * 2**20 + 10)  # as if this model were 2 GB
+    monkeypatch.setattr(onnx_save, "PROTOBUF_LIMIT", 64 * 2**20 + 10)  # as if this model were 2 GB
     fxquant.export_onnx(BlockNet().eval(), tmp_path / "big.onnx", x)
     assert os.path.exists(tmp_path / "big.onnx.data")
     monkeypatch.undo()

@@ -28,7 +28,7 @@ class Rule:
     weight: the first node's module has a weight to fake-quantize (per-channel, axis 0).
     output: the chain's output gets its own fake-quant (False: the next op's input rule decides).
     check: optional `(module_or_None, node) -> bool`; a row whose check says False declines.
-    onnx: the ONNX op types the chain's first node exports to; `fxquant.onnx_check` reads the
+    onnx: the ONNX op types the chain's first node exports to; `fxquant.onnx.check` reads the
         exported file through this column, so one table drives both placement and checking.
     spec: the activation spec of this row when it differs from the backend's ACTIVATION.
     onnx_chain: the ONNX op types the chain's later steps export to, in order, for a row whose first
@@ -38,7 +38,7 @@ class Rule:
     pair_sums: the row's weight reaches an integer GEMM that adds pairs of activation x weight products
         in a narrow accumulator on some CPUs (see `Target`): True, or `(groups, in_channels,
         out_channels) -> bool` for a conv whose kernel depends on its grouping. Read from the FX module
-        by annotate_quant and from the ONNX Conv's group attribute and weight shape by onnx_check.
+        by annotate_quant and from the ONNX Conv's group attribute and weight shape by fxquant.onnx.check.
     """
 
     name: str

@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by
@@ -148,7 +147,7 @@ RULES = (
     Rule("batchnorm", (BATCH_NORM,), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,
                                 torch.tanh, "tanh"),), FLOAT),
-    Rule("float_helpers", (FLOAT_HELPERS + (_patch_merging_pad,),), FLOAT),  # Swin's window partition / merge /
+    Rule("float_helpers", (FLOAT_HELPERS,), FLOAT),  # Swin's window partition / merge /
     # attention bias / cosine-attention normalize (fxquant.traceable) and patch-merging pad: shuffles and small float math
     Rule("float_math", ((torch.mean, "mean", torch.softmax, "softmax", torch.einsum, F.scaled_dot_product_attention),),
          FLOAT),  # ORT's QDQ fusions have no integer einsum, reduce-mean or fused attention

@@ -20,7 +20,6 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.swin_transformer import _patch_merging_pad
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity
@@ -53,6 +52,6 @@ RULES = (
     Rule("stochastic_depth", ((stochastic_depth,),), SHARE, check=inference_identity),  # identity in eval
     Rule("pointwise_float", ((nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid", operator.mul, torch.mul, "mul",
                               nn.Softmax, F.softmax),), FLOAT, onnx=("Sigmoid", "Mul", "Softmax")),
-    Rule("float_helpers", (FLOAT_HELPERS + (_patch_merging_pad,),), FLOAT),  # Swin's window partition / merge /
+    Rule("float_helpers", (FLOAT_HELPERS,), FLOAT),  # Swin's window partition / merge /
     # attention bias / cosine-attention normalize (fxquant.traceable) and patch-merging pad: shuffles and small float math
 )

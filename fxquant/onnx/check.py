@@ -1,4 +1,4 @@
-"""onnx_check: verify an exported ONNX QDQ file against its backend's rule table, naming each node.
+"""fxquant.onnx.check: verify an exported ONNX QDQ file against its backend's rule table, naming each node.
 
 The file is read through the table's `onnx` column (the same rows that placed the Q/DQ): every
 node whose op type a row names is checked the way that row's kind says.
@@ -28,14 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, exposed_to_pair_sums, load_backend
 from fxquant.errors import FxQuantError
+from fxquant.onnx.metadata import BACKEND_KEY, FLOAT_NODES_KEY, REDUCE_RANGE_KEY, TARGET_KEY, read_metadata
 from fxquant.specs import QuantSpec
 
-BACKEND_KEY, REDUCE_RANGE_KEY, FLOAT_NODES_KEY = "fxquant.backend", "fxquant.reduce_range", "fxquant.float_nodes"
-TARGET_KEY = "fxquant.target"
 Q, DQ = "QuantizeLinear", "DequantizeLinear"
 STORAGE = {"uint8": ("uint8", "uint4"), "int8": ("int8", "int4"), "int32": ("int32",)}  # 4-bit: a narrowed spec (opset 21)
 
@@ -356,17 +355,6 @@ def _row_for(g: _Graph, rows: list[Rule], node) -> Rule:
 # ------------------------------------------------------------------ entry points
 
 
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def stamp(model: onnx.ModelProto, backend: Backend, float_nodes) -> None:
-    """Record in the file which backend's rules it follows and which ops the user kept float."""
-    meta = {BACKEND_KEY: backend.name, REDUCE_RANGE_KEY: str(int(backend.reduce_range)), TARGET_KEY: backend.target.name,
-            FLOAT_NODES_KEY: ",".join(float_nodes)}
-    helper.set_model_props(model, {**_metadata(model), **meta})
-
-
 def _load(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
@@ -384,7 +372,7 @@ def check_onnx(model, backend=None, *, target: str | None = None, float_nodes=No
     a 16-bit pair sum; `float_nodes` (node names the user kept float) defaults to the file's list.
     """
     model = _load(model)
-    meta = _metadata(model)
+    meta = read_metadata(model)
     if backend is None and BACKEND_KEY not in meta:
         raise FxQuantError("check_onnx: the file records no fxquant backend; pass backend='onnxruntime' or 'tensorrt'")
     if backend is None:

@@ -8,7 +8,7 @@
 A leaf runs in float between DQ and Q: no backend row claims it, and fxquant.report() lists it.
 torch.onnx (the TorchScript exporter) traces the call once on tensors of the recorded shapes, its
 non-tensor arguments fixed; inputs that come from the model's inputs keep a dynamic batch dimension.
-A leaf that reads tensor values is refused before it gets here (see export_onnx: `needs_values`).
+A leaf that reads tensor values is refused before it gets here (fxquant.onnx.walk: `needs_values`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from onnx import compose, helper
 from torch import fx, nn
 
 from fxquant.errors import FxQuantError
-from fxquant.onnx_export import Value
+from fxquant.onnx.emitter import Value
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -1,0 +1,100 @@
+"""Conv, Gemm / MatMul and the normalisations: the ops that carry weights.
+
+    F.conv2d / nn.Conv2d       -> Conv (kernel, strides, pads, dilations, group)
+    F.linear / nn.Linear       -> Gemm(transB=1) on 2-D inputs, else MatMul(x, Transpose(w)) (+ Add(bias))
+    nn.BatchNorm1d/2d          -> BatchNormalization (a float model; quantize() folds BN into the conv)
+    F.layer_norm / LayerNorm   -> LayerNormalization (opset 17)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.errors import FxQuantError
+from fxquant.onnx.emitter import pair
+
+
+def _conv_attrs(weight_shape, stride, padding, dilation, groups):
+    k = list(weight_shape[2:])
+    dilation = pair(dilation, len(k))
+    if padding == "valid":
+        pads = [0] * (2 * len(k))
+    elif padding == "same":
+        total = [d * (kk - 1) for d, kk in zip(dilation, k)]
+        pads = [t // 2 for t in total] + [t - t // 2 for t in total]
+    else:
+        p = pair(padding, len(k))
+        pads = p + p
+    return dict(kernel_shape=k, strides=pair(stride, len(k)), pads=pads, dilations=dilation, group=groups)
+
+
+def _conv(e, node, x, w, b, stride=1, padding=0, dilation=1, groups=1):
+    attrs = _conv_attrs(e.tensor_of(w).shape if isinstance(w, fx.Node) else w.shape, stride, padding, dilation, groups)
+    return e.op(node, "Conv", [e.arg(x), e.param(node, w, "weight"), e.param(node, b, "bias")], **attrs)
+
+
+def _linear(e, node, x, w, b=None):
+    w_val, b_val = e.param(node, w, "weight"), e.param(node, b, "bias")
+    if len(e.tensor_of(x).shape) == 2:
+        return e.op(node, "Gemm", [e.arg(x), w_val, b_val], transB=1)
+    wt = e.op(node, "Transpose", [w_val], "weight_t", perm=[1, 0])
+    if b_val is None:
+        return e.op(node, "MatMul", [e.arg(x), wt])
+    return e.op(node, "Add", [e.op(node, "MatMul", [e.arg(x), wt], "matmul"), b_val])
+
+
+def _conv_fn(e, node):
+    return _conv(e, node, *node.args, **node.kwargs)
+
+
+def _linear_fn(e, node):
+    return _linear(e, node, *node.args, **node.kwargs)
+
+
+def _conv_module(e, node):
+    m = e.module(node)
+    if m.padding_mode != "zeros":
+        raise FxQuantError(f"export_onnx: conv node '{node.name}' uses padding_mode={m.padding_mode!r}; only 'zeros' exports")
+    return _conv(e, node, node.args[0], m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _linear_module(e, node):
+    m = e.module(node)
+    return _linear(e, node, node.args[0], m.weight, m.bias)
+
+
+def _batchnorm(e, node):
+    m = e.module(node)
+    params = [e.const(node, t, n) for n, t in (("scale", m.weight), ("bias", m.bias), ("mean", m.running_mean), ("var", m.running_var))]
+    return e.op(node, "BatchNormalization", [e.arg(node.args[0]), *params], epsilon=m.eps)
+
+
+def _layer_norm(e, node, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if e.opset < 17:
+        raise FxQuantError(f"export_onnx: node '{node.name}' is a layer norm: LayerNormalization needs opset >= 17")
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    scale = e.param(node, weight, "weight") if weight is not None else e.const(node, np.ones(shape, np.float32), "weight")
+    return e.op(node, "LayerNormalization", [e.arg(x), scale, e.param(node, bias, "bias")], axis=-len(shape), epsilon=float(eps))
+
+
+def _layer_norm_fn(e, node):
+    return _layer_norm(e, node, *node.args, **node.kwargs)
+
+
+def _layer_norm_module(e, node):
+    m = e.module(node)
+    return _layer_norm(e, node, node.args[0], m.normalized_shape, m.weight, m.bias, m.eps)
+
+
+CONVERTERS = {
+    F.conv2d: _conv_fn,
+    F.linear: _linear_fn,
+    nn.Conv2d: _conv_module,
+    nn.Linear: _linear_module,
+    nn.BatchNorm2d: _batchnorm,
+    nn.BatchNorm1d: _batchnorm,
+    F.layer_norm: _layer_norm_fn,
+    nn.LayerNorm: _layer_norm_module,
+}
