@@ -60,7 +60,8 @@ def data(seed: int, quick: bool):
     return (x_fit, y_fit), batches(x_val, y_val, 250), batches(x_test, y_test, 250)
 
 
-def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress: bool = True, narrow: float = NARROW) -> dict:
+def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress: bool = True, narrow: float = NARROW,
+        sweep_bits=(4, 3, 2)) -> dict:
     start = time.perf_counter()
     torch.manual_seed(seed)
     (x_fit, y_fit), val, test = data(seed, quick)
@@ -72,7 +73,7 @@ def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress:
                "n_val": sum(len(y) for _, y in val), "n_test": sum(len(y) for _, y in test), "sensitivity": {}, "mixed": {}}
 
     reports = {}
-    for bits in (4, 3, 2):
+    for bits in sorted(set(sweep_bits) | {4, 3}, reverse=True):  # 4 and 3 rank the baseline's layers
         rep = fxquant.sensitivity(model, val, w_bits=bits, a_bits=bits, progress=progress, **options)
         reports[bits] = rep
         r["sensitivity"][f"W{bits}A{bits}"] = {"float": rep.float_metric, "all_quantized": rep.quantized_metric,
@@ -137,12 +138,14 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write each sensitivity report's JSON, PNG and SVG here")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--sweep-bits", type=int, nargs="+", default=[4, 3, 2], help="sensitivity widths (4 and 3 always)")
     p.add_argument("--narrow-fraction", type=float, default=NARROW,
                    help=f"layers below 8 bits, at least (a constraint of the program; 0: none; default {NARROW})")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = run(seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress, narrow=args.narrow_fraction)
+    r = run(seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress, narrow=args.narrow_fraction,
+            sweep_bits=tuple(args.sweep_bits))
     print(format_summary(r))
     if args.json:
         with open(args.json, "w") as f:
