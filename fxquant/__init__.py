@@ -7,17 +7,17 @@ The public API (everything else is reached by its module: fxquant.nn, fxquant.pa
     export_onnx(model, path, example_inputs)             check_onnx(path) -> rule violations
     set_fake_quant / freeze_bn       report(qmodel) -> Report     prepare_passes(config)    QuantSpec, FxQuantError
     viz(model_or_onnx, example_inputs, "page.html") -> every stage on one self-contained HTML page
-    sensitivity(model, data) -> per-layer report   mixed_precision(model, data, max_drop=) -> layer_bits / exclude
-    compare(model, qmodel, int8, onnx_path, inputs, cpu=) -> float, fake-quant, int8, ONNX Runtime per layer
+    sensitivity(model, data) -> SensitivityReport     mixed_precision(...) -> MixedPrecision (layer_bits / exclude)
+    compare(model, qmodel, int8, onnx_path, inputs, cpu=None) -> CompareReport (layer by layer, by node name)
 """
 
 from fxquant.api import calibrate, convert, prepare_passes, quantize
+from fxquant.compare import CompareReport, compare
 from fxquant.config import QuantConfig
 from fxquant.errors import FxQuantError
+from fxquant.mixed_precision import MixedPrecision, mixed_precision
 from fxquant.nn import set_fake_quant
 from fxquant.onnx import check_onnx, export_onnx
-from fxquant.compare import CompareReport, compare
-from fxquant.mixed_precision import MixedPrecision, mixed_precision
 from fxquant.qat import freeze_bn
 from fxquant.report import Report, report
 from fxquant.sensitivity import SensitivityReport, sensitivity
@@ -26,4 +26,4 @@ from fxquant import viz  # a package you can call: fxquant.viz(model, ...) is fx
 
 __all__ = ["quantize", "calibrate", "convert", "export_onnx", "check_onnx", "QuantConfig", "set_fake_quant", "freeze_bn",
            "report", "Report", "prepare_passes", "QuantSpec", "FxQuantError", "viz",
-           "sensitivity", "SensitivityReport", "mixed_precision", "MixedPrecision", "compare", "CompareReport"]
+           "sensitivity", "SensitivityReport", "compare", "CompareReport", "mixed_precision", "MixedPrecision"]

@@ -40,7 +40,7 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
-from fxquant.numerics import _along, dequantize, quantize
+from fxquant.numerics import along, dequantize, quantize
 from fxquant.sensitivity import format_table, only, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
 
 ONE_STEP = 1 + 1e-4  # the float rounding of (q - zp) * scale itself (as fxquant.check.agreement)
@@ -128,10 +128,10 @@ def _record(gm: fx.GraphModule, inputs, keep) -> dict[str, torch.Tensor]:
 
 def _float_values(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
     """Every node's value in `model` traced as quantize traces it, every fake-quant off (the float model)."""
-    import fxquant
-    from fxquant import set_fake_quant
+    from fxquant.api import quantize as quantize_model  # numerics.quantize is the ONNX op here
+    from fxquant.nn import set_fake_quant
 
-    traced = fxquant.quantize(model, inputs, progress=False).eval()
+    traced = quantize_model(model, inputs, progress=False).eval()
     set_fake_quant(traced, observe=False, enabled=False)
     return _record(traced, inputs, lambda n: True)
 
@@ -154,7 +154,7 @@ def _steps(int8, node, a_float: torch.Tensor, q: torch.Tensor) -> float:
     scale, zp, axis = _qparams(int8, node)
     if q.numel() == 0:
         return 0.0
-    return float((a_float - dequantize(q, scale, zp, axis)).abs().div(_along(scale, q, axis)).max())
+    return float((a_float - dequantize(q, scale, zp, axis)).abs().div(along(scale, q, axis)).max())
 
 
 def onnx_values(path: str, names: list[str], inputs, *, cpu: str | None = None) -> dict[str, np.ndarray]:
@@ -369,10 +369,10 @@ def improvement(model: nn.Module, qmodels: dict, inputs) -> Improvement:
     """`compare` of each fake-quant model in `qmodels` (label -> qmodel, e.g. {"PTQ": ptq, "QAT": qat}) through its
     reference int8 graph (convert) on one batch `inputs`, against the float `model` and against its own weights:
     "what QAT improved"."""
-    import fxquant
+    from fxquant.api import convert
 
     if not qmodels:
         raise FxQuantError("improvement: qmodels is empty; pass {label: fake-quant model}")
-    int8 = {label: fxquant.convert(q) for label, q in qmodels.items()}
+    int8 = {label: convert(q) for label, q in qmodels.items()}
     return Improvement({label: compare(model, q, int8[label], None, inputs) for label, q in qmodels.items()},
                        {label: compare(model, q, int8[label], None, inputs, reference="own") for label, q in qmodels.items()})

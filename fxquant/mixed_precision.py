@@ -167,10 +167,10 @@ def _meets(plan: MixedPrecision, max_drop: float | None) -> bool:
 
 def measure(model: nn.Module, batches: list[Batch], calib, options: dict, metric=None) -> float:
     """The metric of the reference int8 graph of `model` quantized with `options` (calibrated on `calib`)."""
-    import fxquant
+    from fxquant.api import convert, quantize
 
-    qmodel = fxquant.quantize(model, batches[0].inputs, calib_data=calib, progress=False, **options)
-    return evaluate(fxquant.convert(qmodel), batches, metric)[0]
+    qmodel = quantize(model, batches[0].inputs, calib_data=calib, progress=False, **options)
+    return evaluate(convert(qmodel), batches, metric)[0]
 
 
 def unit_costs(model, batches, calib, widths, *, metric=None, progress=False, **quantize_options):

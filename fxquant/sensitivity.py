@@ -488,11 +488,11 @@ def _spearman(a, b) -> float:
 def prepare(model: nn.Module, data, *, calib_batches: int = 8, progress: bool = False, calib_data=None, **quantize_options):
     """(batches, calibrated fake-quant model, its layers) for `data`; calib_data defaults to the inputs of the
     first `calib_batches` batches."""
-    import fxquant
+    from fxquant.api import quantize
 
     batches = as_batches(data)
     calib = calib_data if calib_data is not None else [b.inputs for b in batches[:calib_batches]]
-    qmodel = fxquant.quantize(model, batches[0].inputs, calib_data=calib, progress=progress, **quantize_options)
+    qmodel = quantize(model, batches[0].inputs, calib_data=calib, progress=progress, **quantize_options)
     qmodel.eval()
     layers = quantizable_layers(qmodel)
     if not layers:
