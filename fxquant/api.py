@@ -13,7 +13,7 @@ from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
 from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, first_batch, forward_arity, one_row
 from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
-from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lift_functional, lower_to_int8, trace_model
 from fxquant.pending import PendingQuantization, not_run_yet
 from fxquant.pipeline import paused_gc, run_passes
 
@@ -55,6 +55,7 @@ def prepare_passes(config: QuantConfig | None = None, *, example_inputs, **overr
     return [
         partial(trace_model, example_inputs=example_inputs, leaf_modules=config.leaf_modules, exclude=config.exclude,
                 concrete_args=config.as_kwargs()["concrete_args"], auto_leaf=True),
+        lift_functional,
         partial(fuse_modules, qat=config.qat),
         partial(decompose_ops, exclude=config.exclude),
         partial(annotate_quant, backend=config.backend_table(), w_bits=config.w_bits, a_bits=config.a_bits,
@@ -122,6 +123,8 @@ def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs:
               progress: bool = True, recorded=None) -> fx.GraphModule:
     """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
     qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    if not fake_quants(qmodel):
+        raise nothing_to_quantize(qmodel)
     qmodel.meta[BACKEND_META] = config.backend_table()
     qmodel.meta[CONFIG_META] = config
     qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else recorded
@@ -172,10 +175,24 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     return qmodel
 
 
+def nothing_to_quantize(qmodel: fx.GraphModule) -> FxQuantError:
+    """The error of a model in which no backend row claimed anything, with fxquant.report's reasons."""
+    from fxquant.report import report
+
+    return FxQuantError(
+        "quantize: nothing to quantize: no backend row claimed any op of this model, so the result would be the float "
+        "model. What each op became:\n" + str(report(qmodel)) + "\nFix: check exclude= and leaf_modules=; a layer kept "
+        "whole by trace (listed above) quantizes once torch.fx can trace it; a functional conv/linear quantizes when its "
+        "weight is a parameter or buffer of the model (not computed in forward)")
+
+
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:
     """The reference int8 GraphModule: int8 weights, int32 bias, Q/DQ between ops (ONNX semantics)."""
     if isinstance(qmodel, PendingQuantization):
         raise not_run_yet("convert")
+    if isinstance(qmodel, fx.GraphModule) and not fake_quants(qmodel) and qmodel.meta.get(CONFIG_META) is not None:
+        raise FxQuantError("convert: this model has no fake-quant left (was it converted already, or its fake-quant "
+                           "modules removed?); convert the model fxquant.quantize() returned")
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError("convert: expected the fake-quant GraphModule returned by fxquant.quantize()")
     int8 = copy.deepcopy(qmodel).eval()

@@ -51,15 +51,17 @@ def one_row(inputs: tuple) -> tuple:
 
 
 def forward_arity(model: nn.Module, fixed=()) -> int | None:
-    """The positional parameters of `model.forward` other than those in `fixed` (concrete_args' names):
-    the inputs fx makes placeholders of. None when forward takes *args."""
+    """The positional parameters of `model.forward` without a default, other than those in `fixed`
+    (concrete_args' names): the inputs a calibration batch gives (forward(x, mask=None) reads x from a
+    DataLoader's (x, y); the mask takes its default). None when forward takes *args."""
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # a forward Python cannot introspect: take every item of a batch
         return None
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return None
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in fixed for p in parameters)
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in fixed and p.default is p.empty
+               for p in parameters)
 
 
 def first_batch(calib_data, n_inputs: int | None) -> tuple[tuple, object]:

@@ -6,7 +6,8 @@ after:   graph():
              %conv1 = call_module[target=conv1](args=(%x,))      meta: shape (1, 8, 32, 32)
              ...
 
-Modules named in `leaf_modules` or `exclude` (qualified names or types) are kept whole, as one
+Forward arguments past the example inputs take their defaults (forward(x, attn_mask=None) traced with x
+alone is forward(x, None)). Modules named in `leaf_modules` or `exclude` (qualified names or types) are kept whole, as one
 call_module node. A trace failure names the module and the source line that broke it; with
 `auto_leaf=True` (what quantize() uses) that submodule is kept whole instead and tracing retried.
 Each kept-whole call carries the reason in meta["fxquant"].leaf, for fxquant.report().
@@ -108,6 +109,9 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     (data-dependent code) the inputs run for real, and a failure there names the node."""
     was_training = gm.training
     gm.eval()  # recording shapes must not move BatchNorm statistics
+    # nor may a functional batch norm traced in training mode (F.batch_norm(..., self.training, ...) of a QAT
+    # model: the flag is a constant True in the graph), which updates its running statistics in place
+    saved = [(b, b.clone()) for b in gm.buffers()]
     try:
         with one_thread():  # its real calls are on small tensors
             _ShapeRecorder(gm).run(*example_inputs)
@@ -115,6 +119,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
         _ShapeRecorder(gm, real=True).run(*example_inputs)
     finally:
         gm.train(was_training)
+        for buffer, value in saved:
+            buffer.copy_(value)
 
 
 def _bind_concrete_args(gm: fx.GraphModule, model: nn.Module, concrete_args) -> None:
@@ -150,9 +156,24 @@ def _mark_leaves(gm: fx.GraphModule, leaf_modules, exclude, broken: dict) -> Non
         info(node).leaf = why
 
 
+def _with_defaults(model: nn.Module, n_given: int, concrete_args) -> dict | None:
+    """`concrete_args` plus the default of every forward argument past the `n_given` example inputs (and of
+    every keyword-only one): forward(x, attn_mask=None, is_causal=False) called with x alone traces as
+    forward(x, None, False), the call the user makes."""
+    concrete = dict(concrete_args or {})
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.name not in concrete]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return concrete_args
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = positional[n_given:] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+    concrete.update({p.name: p.default for p in rest if p.default is not p.empty})
+    return concrete or concrete_args
+
+
 def trace_model(model: nn.Module, *, example_inputs: tuple, leaf_modules=(), exclude=(), concrete_args=None,
                 auto_leaf: bool = False) -> fx.GraphModule:
     leaf_modules, exclude = tuple(leaf_modules), tuple(exclude)
+    concrete_args = _with_defaults(model, len(example_inputs), concrete_args)
     gm, broken = _trace(model, leaf_modules + exclude, concrete_args, auto_leaf=auto_leaf)
     _bind_concrete_args(gm, model, concrete_args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

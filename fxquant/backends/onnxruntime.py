@@ -49,7 +49,7 @@ from torch import nn
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by
-from fxquant.nn import ConvAct2d, LinearAct
+from fxquant.nn import ConvAct1d, ConvAct2d, ConvAct3d, LinearAct
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
 from fxquant.traceable import FLOAT_HELPERS
 
@@ -72,7 +72,9 @@ SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
 LAYER_NORM = (nn.LayerNorm, F.layer_norm)
-BATCH_NORM = (nn.BatchNorm2d, nn.BatchNorm1d)
+BATCH_NORM = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d)
+CONV = (ConvAct2d, nn.Conv2d, ConvAct1d, nn.Conv1d, ConvAct3d, nn.Conv3d)  # QLinearConv is N-dimensional
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORMS = LAYER_NORM + BATCH_NORM  # float rows below: ORT has no integer kernel
 RESHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity)
 TRANSPOSE = (torch.permute, "permute", torch.transpose, "transpose")
@@ -112,7 +114,10 @@ def _residual_stream(module, node) -> bool:
 
 
 RULES = (
-    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
+    Rule("conv", (CONV,), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
+    # ORT 1.32's CPU QDQ rules fuse DQ -> Conv -> Q only (ConvQDQRules registers "Conv"); a ConvTranspose
+    # between Q/DQ would run float anyway, so it stays float by this row
+    Rule("conv_transpose", (CONV_TRANSPOSE,), FLOAT, onnx=("ConvTranspose",)),
     Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),  # y = act(x @ w.T + b)
     Rule("residual_add", (ADD,), FLOAT, check=_residual_stream),  # stays float: see _residual_stream
     Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = relu(a + b): QLinearAdd, relu folded

@@ -1,6 +1,6 @@
 """Conv, Gemm / MatMul and the normalisations: the ops that carry weights.
 
-    F.conv2d / nn.Conv2d       -> Conv (kernel, strides, pads, dilations, group)
+    F.conv1d/2d/3d / nn.Conv1d/2d/3d -> Conv (kernel, strides, pads, dilations, group; N-D)
     F.linear / nn.Linear       -> Gemm(transB=1) on 2-D inputs, else MatMul(x, Transpose(w)) (+ Add(bias))
     nn.BatchNorm1d/2d          -> BatchNormalization (a float model; quantize() folds BN into the conv)
     F.layer_norm / LayerNorm   -> LayerNormalization (opset 17)
@@ -30,7 +30,8 @@ def _conv_attrs(weight_shape, stride, padding, dilation, groups):
     return dict(kernel_shape=k, strides=pair(stride, len(k)), pads=pads, dilations=dilation, group=groups)
 
 
-def _conv(e, node, x, w, b, stride=1, padding=0, dilation=1, groups=1):
+def _conv(e, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    stride, padding, dilation, groups = (e.arg(a) for a in (stride, padding, dilation, groups))  # x.shape[1]: an int
     attrs = _conv_attrs(e.tensor_of(w).shape if isinstance(w, fx.Node) else w.shape, stride, padding, dilation, groups)
     return e.op(node, "Conv", [e.arg(x), e.param(node, w, "weight"), e.param(node, b, "bias")], **attrs)
 
@@ -89,12 +90,17 @@ def _layer_norm_module(e, node):
 
 
 CONVERTERS = {
+    F.conv1d: _conv_fn,
     F.conv2d: _conv_fn,
+    F.conv3d: _conv_fn,
     F.linear: _linear_fn,
+    nn.Conv1d: _conv_module,
     nn.Conv2d: _conv_module,
+    nn.Conv3d: _conv_module,
     nn.Linear: _linear_module,
     nn.BatchNorm2d: _batchnorm,
     nn.BatchNorm1d: _batchnorm,
+    nn.BatchNorm3d: _batchnorm,
     F.layer_norm: _layer_norm_fn,
     nn.LayerNorm: _layer_norm_module,
 }
