@@ -269,7 +269,7 @@ def test_a_stage_that_fails_is_shown_with_its_error(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise FxQuantError("export_onnx: no converter for op 'frobnicate'")
 
-    monkeypatch.setattr(fxquant, "export_onnx", broken_export)
+    monkeypatch.setattr(fxquant.onnx, "export_onnx", broken_export)  # where fxquant.viz.build looks it up
     result = viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html")
     assert result.stages["int8"] > 0 and result.stages["onnx"] == -1 and "ort" not in result.stages
     assert "frobnicate" in result.errors["onnx"]
