@@ -2,7 +2,8 @@
 
 The public API (everything else is reached by its module: fxquant.nn, fxquant.passes, fxquant.backends...):
 
-    quantize(model, example_inputs, config=None, **options) -> fake-quant GraphModule    QuantConfig: the options
+    quantize(model, [example_inputs], [config], calib_data=..., **options) -> fake-quant GraphModule
+    QuantConfig: the options as one value
     calibrate(qmodel, data)          convert(qmodel) -> reference int8 GraphModule
     export_onnx(model, path, example_inputs)             check_onnx(path) -> rule violations
     set_fake_quant / freeze_bn       report(qmodel) -> Report     prepare_passes(config)    QuantSpec, FxQuantError
