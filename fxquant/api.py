@@ -11,7 +11,7 @@ from torch import fx, nn
 from fxquant.backends import BACKEND_META
 from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
-from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, first_batch, forward_arity, one_row
+from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, by_name, first_batch, forward_arity, one_row
 from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
 from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
 from fxquant.pending import PendingQuantization, not_run_yet
@@ -123,9 +123,11 @@ def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs:
               progress: bool = True, recorded=None) -> fx.GraphModule:
     """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
     qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    names = input_names(qmodel)  # keyword inputs (a dict) in the order of the graph's inputs from here on
+    example_inputs = by_name(example_inputs, names)
     qmodel.meta[BACKEND_META] = config.backend_table()
     qmodel.meta[CONFIG_META] = config
-    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else recorded
+    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else by_name(recorded, names)
     if calib_data is not None:
         calibrate(qmodel, calib_data, n_inputs=len(example_inputs), progress=progress)
     if config.qat:
@@ -150,14 +152,15 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     if isinstance(qmodel, PendingQuantization):  # quantize(model) with no inputs: the first batch gives them
         inputs, calib_data = first_batch(calib_data, n_inputs or qmodel.n_inputs)
         qmodel.materialize(inputs, recorded=one_row(inputs))
-    n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
+    names = input_names(qmodel)
+    n_inputs = n_inputs or len(names)
     was_training = qmodel.training
     qmodel.eval()
     set_fake_quant(qmodel, observe=True, enabled=False)
     seen = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None
     for i, batch in enumerate(tqdm(calib_data, desc="calibrate", total=total, disable=not progress, leave=False)):
-        qmodel(*batch_inputs(batch, n_inputs, i))
+        qmodel(*batch_inputs(batch, n_inputs, i, names))
         seen += 1
     if seen == 0:
         raise FxQuantError("calib_data is empty: pass an iterable of at least one input batch")
@@ -171,6 +174,11 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
         correct_bias(qmodel, calib_data, n_inputs=n_inputs, progress=progress)
     qmodel.train(was_training)
     return qmodel
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    """The graph's inputs (placeholders) by name, in order."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:
