@@ -24,7 +24,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source
-from fxquant.nn import ConvAct2d, FakeQuantize, LinearAct, WeightedAct
+from fxquant.nn import ConvAct2d, EmbeddingQ, FakeQuantize, LinearAct, WeightedAct
 from fxquant.numerics import dequantize, quantize
 
 ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6}
@@ -69,7 +69,9 @@ def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source: Fak
                           b.const(f"{node.name}_b_scale", b_scale), b.const(f"{node.name}_b_zp", torch.zeros_like(b_scale)), 0)
         elif float_bias is not None:
             bias = b.const(f"{node.name}_bias", float_bias)
-        if isinstance(module, ConvAct2d):
+        if isinstance(module, EmbeddingQ):  # int8 table -> DequantizeLinear -> Gather
+            fn, args = F.embedding, (node.args[0], w)
+        elif isinstance(module, ConvAct2d):
             if module.padding_mode != "zeros":
                 raise FxQuantError(f"convert: conv node '{node.name}' uses padding_mode={module.padding_mode!r}; only 'zeros' lowers")
             fn, args = F.conv2d, (node.args[0], w, bias, module.stride, module.padding, module.dilation, module.groups)
@@ -122,7 +124,7 @@ def lower_to_int8(gm: fx.GraphModule) -> fx.GraphModule:
     b = _Builder(gm)
     for node in nodes:
         module = modules.get(node)
-        if isinstance(module, (ConvAct2d, LinearAct)) and module.weight_fq is not None:
+        if isinstance(module, (ConvAct2d, LinearAct, EmbeddingQ)) and module.weight_fq is not None:
             source = sources[node.args[0]]
             if source is not None:
                 _check_calibrated(source, modules[source])

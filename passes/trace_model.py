@@ -101,7 +101,7 @@ def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False, 
                 broken[where] = f"torch.fx cannot trace it at {why}"
                 continue
             kind = type(root.get_submodule(where)).__name__ if where else type(root).__name__
-            module = f"module '{where}' ({kind})" if where else f"the model's own forward ({kind})"
+            module = f"module '{where}' ({kind})" if where else "the model's own forward"
             fix = f"exclude=['{where}'] (keeps it in float) or leaf_modules=['{where}']" if where else (
                 "concrete_args= for an argument the branch reads, or move the branch into a submodule (which can be kept whole)"
             )

@@ -143,6 +143,8 @@ RULES = (
     Rule("movement", (MOVEMENT,), SHARE),  # moves or picks values: the input's grid
     Rule("zero_pad", ((F.pad, nn.ZeroPad2d, nn.ConstantPad2d),), SHARE, check=_pads_zero),  # 0 is on every grid
     Rule("upsample_nearest", ((F.interpolate, nn.Upsample),), SHARE, check=_nearest),  # copies input values
+    Rule("embedding", ((nn.Embedding,),), QUANTIZE, inputs=(), weight=True, output=False),  # int8 table, one scale
+    # per row -> DequantizeLinear -> Gather: a weight-only lookup, its float rows go on as they are
     Rule("layer_norm", (LAYER_NORM,), FLOAT, onnx=("LayerNormalization",)),
     Rule("batchnorm", (BATCH_NORM,), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,

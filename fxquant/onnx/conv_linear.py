@@ -4,6 +4,7 @@
     F.linear / nn.Linear       -> Gemm(transB=1) on 2-D inputs, else MatMul(x, Transpose(w)) (+ Add(bias))
     nn.BatchNorm1d/2d          -> BatchNormalization (a float model; quantize() folds BN into the conv)
     F.layer_norm / LayerNorm   -> LayerNormalization (opset 17)
+    F.embedding                -> Gather(table, ids, axis=0): an int8 table is DequantizeLinear -> Gather
 """
 
 from __future__ import annotations
@@ -88,7 +89,14 @@ def _layer_norm_module(e, node):
     return _layer_norm(e, node, node.args[0], m.normalized_shape, m.weight, m.bias, m.eps)
 
 
+def _embedding_fn(e, node):
+    """F.embedding(ids, table): Gather(table, ids) along the rows (a dequantized int8 table: DQ -> Gather)."""
+    ids, table = node.args[:2]
+    return e.op(node, "Gather", [e.arg(table), e.arg(ids)], axis=0)
+
+
 CONVERTERS = {
+    F.embedding: _embedding_fn,
     F.conv2d: _conv_fn,
     F.linear: _linear_fn,
     nn.Conv2d: _conv_module,
