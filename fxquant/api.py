@@ -13,7 +13,8 @@ from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
 from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, by_name, first_batch, forward_arity, one_row
 from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
-from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.passes import (annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, smooth_activations,
+                            trace_model)
 from fxquant.pending import PendingQuantization, not_run_yet
 from fxquant.pipeline import paused_gc, run_passes
 
@@ -48,13 +49,20 @@ def copy_model(model: nn.Module) -> nn.Module:
         return module(model)
 
 
-def prepare_passes(config: QuantConfig | None = None, *, example_inputs, **overrides) -> list:
+def prepare_passes(config: QuantConfig | None = None, *, example_inputs, calib_data=None, **overrides) -> list:
     """The prepare pipeline for `config` (keywords override its fields), as a list you can read and pass to
-    `fxquant.pipeline.run_passes` yourself."""
+    `fxquant.pipeline.run_passes` yourself. `calib_data` is read by smooth_activations (config.smooth)."""
     config = (config or QuantConfig()).replace(**overrides)
+    smooth = []
+    if config.smooth is not None:
+        if calib_data is None:
+            raise FxQuantError(f"smooth={config.smooth}: SmoothQuant measures activations; pass calib_data= (a list "
+                               "or a DataLoader: it is read once more to calibrate)")
+        smooth = [partial(smooth_activations, calib_data=calib_data, alpha=config.smooth, exclude=config.exclude)]
     return [
         partial(trace_model, example_inputs=example_inputs, leaf_modules=config.leaf_modules, exclude=config.exclude,
                 concrete_args=config.as_kwargs()["concrete_args"], auto_leaf=True),
+        *smooth,
         partial(fuse_modules, qat=config.qat),
         partial(decompose_ops, exclude=config.exclude),
         partial(annotate_quant, backend=config.backend_table(), w_bits=config.w_bits, a_bits=config.a_bits,
@@ -122,7 +130,7 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
 def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs: tuple, *, calib_data=None,
               progress: bool = True, recorded=None) -> fx.GraphModule:
     """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
-    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs, calib_data=calib_data), trace=pass_trace)
     names = input_names(qmodel)  # keyword inputs (a dict) in the order of the graph's inputs from here on
     example_inputs = by_name(example_inputs, names)
     qmodel.meta[BACKEND_META] = config.backend_table()

@@ -201,9 +201,20 @@ class L2Normalize(FloatLeaf):
         return nn.functional.normalize(x, dim=-1)
 
 
+class ChannelScale(FloatLeaf):
+    """x * scale over the last dimension (passes/smooth_activations: SmoothQuant's 1 / s before a Linear)."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self, x):
+        return x * self.scale
+
+
 # what a backend row keeps float: the helpers above, and torchvision's Swin patch-merging pad, a function it
 # marks torch.fx.wrap (private to torchvision, named here once)
-FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, swin_transformer._patch_merging_pad)
+FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, ChannelScale, swin_transformer._patch_merging_pad)
 
 
 class TracedWindowAttention(nn.Module):
