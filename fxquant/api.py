@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import partial
 
 import torch
@@ -131,6 +132,11 @@ def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs:
               progress: bool = True, recorded=None) -> fx.GraphModule:
     """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
     qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs, calib_data=calib_data), trace=pass_trace)
+    if not fake_quants(qmodel):
+        from fxquant.report import report
+
+        warnings.warn(f"fxquant.quantize: nothing was quantized (every op is float or kept whole):\n{report(qmodel)}",
+                      stacklevel=3)
     names = input_names(qmodel)  # keyword inputs (a dict) in the order of the graph's inputs from here on
     example_inputs = by_name(example_inputs, names)
     qmodel.meta[BACKEND_META] = config.backend_table()
@@ -175,6 +181,7 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     missed = [name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and not m.calibrated]
     if missed:
         raise FxQuantError(f"calib_data never reached fake-quant nodes {missed}: feed inputs that exercise every branch")
+    _refuse_sentinels(qmodel)
     set_fake_quant(qmodel, observe=False, enabled=True)
     if bias_correction:
         from fxquant.bias_correction import correct_bias
@@ -187,6 +194,26 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
 def input_names(gm: fx.GraphModule) -> list[str]:
     """The graph's inputs (placeholders) by name, in order."""
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+SENTINEL = 1e6  # |x| at or above this in an activation's range: a mask's stand-in for -inf, not a value to quantize
+
+
+def _refuse_sentinels(qmodel: fx.GraphModule) -> None:
+    """An activation whose observed range reaches a sentinel (finfo.min, -1e9: an additive mask) would get a scale
+    that rounds every real value to zero (a 1e36 scale): raise, naming the node and the fix."""
+    for name, fq in qmodel.named_modules():
+        if not isinstance(fq, FakeQuantize) or fq.of_weight or not fq.calibrated:
+            continue
+        lo, hi = float(fq.observer.min_val.min()), float(fq.observer.max_val.max())
+        if max(abs(lo), abs(hi)) >= SENTINEL:
+            node = next((n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == name), None)
+            source = node.args[0].name if node is not None and isinstance(node.args[0], fx.Node) else name
+            raise FxQuantError(
+                f"calibrate: activation '{source}' (fake-quant '{name}') was observed in [{lo:.3g}, {hi:.3g}]: sentinel "
+                f"values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) would give it a scale of "
+                f"{(hi - lo) / 255:.3g}. Keep it float: exclude=['{source}'] or the op that reads it, or add the mask "
+                "inside an attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
 
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:

@@ -69,6 +69,7 @@ TARGETS = (
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
 MUL = (operator.mul, torch.mul, "mul")
+DIV = (operator.truediv, torch.div, "div")
 SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
@@ -160,6 +161,10 @@ RULES = (
          onnx_chain=("Mul", "Softmax")),  # (q @ k^T) * d ** -0.5
     Rule("attention_scores_scaled_bias", (MATMUL, MUL, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
          onnx_chain=("Mul", "Add", "Softmax")),
+    Rule("attention_scores_div", (MATMUL, DIV, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Div", "Softmax")),  # (q @ k^T) / sqrt(d) (HF 4.x BERT)
+    Rule("attention_scores_div_bias", (MATMUL, DIV, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Div", "Add", "Softmax")),  # ... + additive mask (finfo.min where padding): float inside the row
     Rule("matmul", (MATMUL,), QUANTIZE, inputs=(0, 1), onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
     Rule("avgpool", ((nn.AvgPool2d, F.avg_pool2d),), QUANTIZE, onnx=("AveragePool",)),  # QLinearAveragePool
     Rule("movement", (MOVEMENT,), SHARE),  # moves or picks values: the input's grid

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch.nn.functional as F
+from onnx import TensorProto
 from torch import fx, nn
 
 from fxquant.errors import FxQuantError
+from fxquant.numerics import dequantize
 from fxquant.onnx.emitter import pair
 
 
@@ -90,8 +92,18 @@ def _layer_norm_module(e, node):
 
 
 def _embedding_fn(e, node):
-    """F.embedding(ids, table): Gather(table, ids) along the rows (a dequantized int8 table: DQ -> Gather)."""
+    """F.embedding(ids, table): Gather(table, ids) along the rows. An int8 table with one scale per row (zero point 0)
+    is gathered first and only the rows read are dequantized, Cast(Gather(table_i8, ids)) * Gather(scale, ids): a
+    DequantizeLinear of the whole table would run at every call (11.7M values for BERT's vocabulary), as ORT keeps
+    DQ of an initializer unfolded. The table's own DequantizeLinear is then unused, and the walk drops it."""
     ids, table = node.args[:2]
+    if isinstance(table, fx.Node) and table.target is dequantize and table.args[3] == 0 and table.args[0].op == "get_attr" \
+            and not e.tensor_of(table.args[2]).any():
+        q, scale = table.args[:2]
+        rows = e.op(node, "Cast", [e.op(node, "Gather", [e.arg(q), e.arg(ids)], "rows_i8", axis=0)], "rows", to=TensorProto.FLOAT)
+        row_scale = e.op(node, "Gather", [e.arg(scale), e.arg(ids)], "row_scale", axis=0)
+        row_scale = e.op(node, "Unsqueeze", [row_scale, e.const(node, np.array([-1], dtype=np.int64), "last")], "row_scale_1")
+        return e.op(node, "Mul", [rows, row_scale], "dequantized")  # not named as the node: no quantized Mul row
     return e.op(node, "Gather", [e.arg(table), e.arg(ids)], axis=0)
 
 
