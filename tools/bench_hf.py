@@ -11,7 +11,8 @@ in ONNX Runtime), ORT quantize_dynamic (int8 weights, activations quantized per 
 quantize_static (QDQ, calibrated on the same batches). Columns: cosine of each sentence's embedding with
 float's (mean, min); neighbours kept (the fraction of sentences whose nearest other sentence is the one
 float finds); paraphrase top-1 (the nearest other sentence is its pair); ORT latency at batch 1 and 16
-(median of interleaved runs) over float's; file size over float's.
+(median time of interleaved runs, and in brackets the median over rounds of time / float's time); file size
+over float's.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def ort_files(float_path: str, calib: list[dict], folder: str) -> dict:
     return {"ORT quantize_dynamic": dynamic, "ORT quantize_static": static}
 
 
-def latency(sessions: dict, inputs: dict, batch: int, runs: int) -> dict:
-    """Median seconds per call at `batch`, the files interleaved run by run."""
+def latency(sessions: dict, inputs: dict, batch: int, runs: int) -> tuple[dict, dict]:
+    """(median seconds per call, median over rounds of each file's time / float's in that round) at `batch`: the
+    files run interleaved, one call each per round, so a busy machine slows every file of a round alike."""
     part = {k: v[:batch] for k, v in inputs.items()}
     times = {name: [] for name in sessions}
     for name, sess in sessions.items():
@@ -125,7 +127,8 @@ def latency(sessions: dict, inputs: dict, batch: int, runs: int) -> dict:
             start = time.perf_counter()
             run(sess, part)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    ratios = {name: statistics.median(a / f for a, f in zip(t, times["float"])) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, ratios
 
 
 def cpu_flags() -> str:
@@ -140,7 +143,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--calib-batch", type=int, default=16)
     parser.add_argument("--only-fxquant", action="store_true", help="accuracy of the fxquant file alone (no ORT quantizers, no latency)")
     args = parser.parse_args(argv)
@@ -166,9 +169,10 @@ def main(argv=None) -> list[dict]:
         sessions = {name: session(path, args.threads) for name, path in files.items()}
         emb = {name: pooled(run(sess, inputs), mask) for name, sess in sessions.items()}
         if args.only_fxquant:
-            lat1 = lat16 = {name: float("nan") for name in sessions}
+            lat1 = lat16 = ratio1 = ratio16 = {name: float("nan") for name in sessions}
         else:
-            lat1, lat16 = latency(sessions, inputs, 1, args.runs), latency(sessions, inputs, 16, max(args.runs // 3, 5))
+            lat1, ratio1 = latency(sessions, inputs, 1, args.runs)
+            lat16, ratio16 = latency(sessions, inputs, 16, max(args.runs // 2, 5))
         sizes = {name: os.path.getsize(path) for name, path in files.items()}
 
     ref_nn, pair_of = nearest(emb["float"]), np.arange(len(eval_sentences)) ^ 1
@@ -178,7 +182,7 @@ def main(argv=None) -> list[dict]:
         nn_ = nearest(e)
         rows.append(dict(model=name, cos_mean=float(cos.mean()), cos_min=float(cos.min()),
                          neighbours=float((nn_ == ref_nn).mean()), paraphrase_top1=float((nn_ == pair_of).mean()),
-                         b1=lat1[name] / lat1["float"], b16=lat16[name] / lat16["float"], b1_ms=lat1[name] * 1e3,
+                         b1=ratio1[name], b16=ratio16[name], b1_ms=lat1[name] * 1e3,
                          b16_ms=lat16[name] * 1e3, size=sizes[name] / sizes["float"], mb=sizes[name] / 1e6))
     print(f"all-MiniLM-L6-v2, {len(eval_sentences)} sentences ({len(calib_sentences)} more calibrate), "
           f"seq {args.seq}, ONNX Runtime, {args.threads} thread(s), CPU flags: {cpu_flags()}")
