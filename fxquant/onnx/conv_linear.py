@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from fxquant.errors import FxQuantError
 from fxquant.numerics import dequantize
-from fxquant.onnx.emitter import pair
+from fxquant.onnx.emitter import Value, pair
 
 
 def _conv_attrs(weight_shape, stride, padding, dilation, groups):
@@ -38,8 +38,26 @@ def _conv(e, node, x, w, b, stride=1, padding=0, dilation=1, groups=1):
     return e.op(node, "Conv", [e.arg(x), e.param(node, w, "weight"), e.param(node, b, "bias")], **attrs)
 
 
+def _stored(e, node: fx.Node):
+    """The tensor a get_attr node reads."""
+    return getattr(e.gm, node.target)
+
+
+def _float_bias(e, node, b) -> Value | None:
+    """An int32 bias (dequantize of a stored b_i32) as the float constant it dequantizes to (the oracle's float32
+    product, what the DequantizeLinear would compute), for a linear that exports as MatMul + Add: ORT fuses an Add of
+    a constant into MatMulIntegerToFloat's bias, and a DequantizeLinear of an initializer would run at every call."""
+    if not (isinstance(b, fx.Node) and b.target is dequantize and all(isinstance(a, fx.Node) and a.op == "get_attr"
+                                                                     for a in b.args[:3])):
+        return None
+    return e.init(f"{b.name}/float", dequantize(*(_stored(e, a) for a in b.args[:3]), b.args[3]))
+
+
 def _linear(e, node, x, w, b=None):
-    w_val, b_val = e.param(node, w, "weight"), e.param(node, b, "bias")
+    if len(e.tensor_of(x).shape) != 2 and (b_val := _float_bias(e, node, b)) is not None:
+        w_val = e.param(node, w, "weight")
+    else:
+        w_val, b_val = e.param(node, w, "weight"), e.param(node, b, "bias")
     if len(e.tensor_of(x).shape) == 2:
         return e.op(node, "Gemm", [e.arg(x), w_val, b_val], transB=1)
     wt = e.op(node, "Transpose", [w_val], "weight_t", perm=[1, 0])
