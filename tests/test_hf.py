@@ -193,3 +193,18 @@ def test_smooth_keeps_the_function_and_needs_data():
         assert torch.allclose(qmodel(**inputs)[0], model(**inputs).last_hidden_state, atol=1e-5)
     with pytest.raises(FxQuantError, match="smooth=0.5.*calib_data"):
         fxquant.quantize(model, inputs, smooth=0.5)
+
+
+def test_block_output_projections_feed_the_float_residual_stream():
+    model, inputs = _build("bert")
+    qmodel = fxquant.quantize(model, inputs, calib_data=[inputs], progress=False)
+    rules = {n.target: info(n).rule for n in qmodel.graph.nodes if n.op == "call_module" and KEY in n.meta}
+    for i in range(model.config.num_hidden_layers):
+        for name in (f"encoder.layer.{i}.attention.output.dense", f"encoder.layer.{i}.output.dense"):
+            assert rules[name] == "linear_to_residual"
+        for name in (f"encoder.layer.{i}.attention.self.query", f"encoder.layer.{i}.intermediate.dense"):
+            assert rules[name] == "linear"  # read by a matmul / a GELU: output quantized as before
+    modules = dict(qmodel.named_modules())
+    for n in qmodel.graph.nodes:
+        if n.op == "call_module" and rules.get(n.target) == "linear_to_residual":
+            assert not any(isinstance(modules.get(u.target), FakeQuantize) for u in n.users)
