@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: nothing installed after it may pull another torch build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv system demo test clean
+.PHONY: venv system demo test clean viz-deps
 
 venv: $(VENV)/.installed
 
@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/fxquant demo
 
-test: venv system
+test: venv system viz-deps
 	$(BIN)/python -m pytest -n 2 tests
+
+# the viewer's tests drive Debian's chromium (Playwright, never a downloaded browser) and Graphviz's dot
+viz-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/dot ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium graphviz; fi
 
 clean:  # build artefacts only; `rm -rf .venv` for a new environment
 	rm -rf build dist *.egg-info

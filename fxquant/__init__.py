@@ -6,6 +6,7 @@ The public API (everything else is reached by its module: fxquant.nn, fxquant.pa
     calibrate(qmodel, data)          convert(qmodel) -> reference int8 GraphModule
     export_onnx(model, path, example_inputs)             check_onnx(path) -> rule violations
     set_fake_quant / freeze_bn       report(qmodel) -> Report     prepare_passes(config)    QuantSpec, FxQuantError
+    viz(model_or_onnx, example_inputs, "page.html") -> every stage on one self-contained HTML page
     register_stand_in(module_type, make)   a traceable stand-in for a module class (your own attention)
 """
 
@@ -18,7 +19,7 @@ from fxquant.qat import freeze_bn
 from fxquant.report import Report, report
 from fxquant.specs import QuantSpec
 from fxquant.traceable import register_stand_in
+from fxquant import viz  # a package you can call: fxquant.viz(model, ...) is fxquant.viz.viz(model, ...)
 
 __all__ = ["quantize", "calibrate", "convert", "export_onnx", "check_onnx", "QuantConfig", "set_fake_quant", "freeze_bn",
-           "report", "Report", "prepare_passes", "QuantSpec", "FxQuantError",
-           "register_stand_in"]
+           "report", "Report", "prepare_passes", "QuantSpec", "FxQuantError", "viz", "register_stand_in"]

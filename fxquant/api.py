@@ -115,12 +115,11 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
                            "pass options as keywords (w_bits=4) or as config=fxquant.QuantConfig(w_bits=4)")
     config = (config or QuantConfig()).replace(**overrides)
     config.backend_table()  # a table that does not load fails here, not at the first call
-    n_inputs = forward_arity(model, dict(config.concrete_args or ()))
     if example_inputs is NOT_GIVEN and calib_data is None:
-        build = partial(_prepared, config, pass_trace)
+        build, n_inputs = partial(_prepared, config, pass_trace), forward_arity(model, dict(config.concrete_args or ()))
         return PendingQuantization(copy_model(model).train(config.qat), build, n_inputs, config.qat)
     if example_inputs is NOT_GIVEN:
-        inputs, calib_data = first_batch(calib_data, n_inputs)
+        inputs, calib_data = first_batch(calib_data, forward_arity(model, dict(config.concrete_args or ())))
         recorded = one_row(inputs)  # what export_onnx uses when it is given none: one row of the first batch
     else:
         inputs = recorded = as_inputs(example_inputs)

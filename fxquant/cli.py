@@ -1,6 +1,7 @@
 """The `fxquant` command (also `python -m fxquant`): subcommands over the library.
 
     fxquant demo [--epochs N] [--qat-epochs N] [--fast] [--out DIR] [--json PATH] [--no-progress] [--seed N]
+    fxquant viz MODEL_OR_ONNX [--input-shape 1,3,224,224] [--overlay x.json] [--sqnr] [--dot|--svg|--png PATH] -o out.html
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--seed", type=int, default=0, help="random seed for the split, the init and the batches (default: 0)")
     demo.set_defaults(run=_demo)
+
+    from fxquant.viz.cli import add_parser as add_viz
+
+    add_viz(commands)
     return parser
 
 

@@ -75,7 +75,10 @@ def one_row(inputs: tuple) -> tuple:
 def forward_arity(model: nn.Module, fixed=()) -> int | None:
     """The positional parameters of `model.forward` other than those in `fixed` (concrete_args' names):
     the inputs fx makes placeholders of. None when forward takes *args."""
-    parameters = inspect.signature(model.forward).parameters.values()
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward Python cannot introspect: take every item of a batch
+        return None
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return None
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in fixed for p in parameters)

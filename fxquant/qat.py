@@ -25,6 +25,7 @@ from torch import nn
 
 from fxquant.errors import FxQuantError
 from fxquant.nn import BnFolded, FakeQuantize, fake_quants, set_fake_quant
+from fxquant.pending import PendingQuantization, not_run_yet
 
 
 def _bn_modules(qmodel: nn.Module) -> list[BnFolded]:
@@ -38,6 +39,8 @@ def freeze_bn(qmodel: nn.Module) -> int:
     act(conv(x, fq(w_fold)) + b_fold). Raises FxQuantError on a model without any (a PTQ model, or one
     quantized without qat=True, has its BN folded into the weights already: nothing is left to freeze).
     """
+    if isinstance(qmodel, PendingQuantization):
+        raise not_run_yet("freeze_bn")
     modules = _bn_modules(qmodel)
     if not modules:
         raise FxQuantError(

@@ -23,6 +23,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, op_key
+from fxquant.pending import PendingQuantization, not_run_yet
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ def _constants(gm: fx.GraphModule) -> set[fx.Node]:
 
 def report(gm: fx.GraphModule) -> Report:
     """The Report of a GraphModule made by fxquant (fake-quant from quantize(), or int8 from convert())."""
+    if isinstance(gm, PendingQuantization):
+        raise not_run_yet("report")
     if not isinstance(gm, fx.GraphModule) or not any(KEY in n.meta for n in gm.graph.nodes):
         raise FxQuantError("report: expected a GraphModule from fxquant.quantize() or fxquant.convert()")
     ops, constants = [], _constants(gm)

@@ -67,7 +67,8 @@ def test_weights_get_per_channel_fake_quant(residual_cnn, image):
         assert type(mod) is cls, target
         assert isinstance(mod.weight_fq, FakeQuantize)
         spec = mod.weight_fq.spec
-        assert (spec.dtype, spec.qmin, spec.qmax, spec.axis, spec.symmetric) == ("int8", -127, 127, 0, True)
+        # every conv and the linear reach a pair-summing GEMM: 7-bit on the default (portable) target
+        assert (spec.dtype, spec.qmin, spec.qmax, spec.axis, spec.symmetric) == ("int8", -63, 63, 0, True)
         assert mod.weight_fq.scale.shape == (mod.weight.shape[0],)
     assert gm.block.conv2.act is None  # made a ConvAct2d only to carry the weight fake-quant
 
@@ -154,12 +155,13 @@ def test_single_conv_fake_quant_matches_the_oracle_by_hand(bias, relu):
 
     w, b = model.conv.weight.detach(), (model.conv.bias.detach() if bias else None)
     s_x, zp_x = _qparams_by_hand(calib)
-    s_w = w.abs().amax(dim=(1, 2, 3)) / 127  # symmetric per output channel, zero point 0
+    qw = 63  # the portable target's 7-bit weights (a 3x3 conv reaches a pair-summing GEMM)
+    s_w = w.abs().amax(dim=(1, 2, 3)) / qw  # symmetric per output channel, zero point 0
     float_out = F.conv2d(calib, w, b, padding=1)  # calibration observes with fake-quant off
     s_y, zp_y = _qparams_by_hand(F.relu(float_out) if relu else float_out)
 
     x_dq = dequantize(quantize(x, s_x, zp_x, 0, 255, None, "uint8"), s_x, zp_x)
-    w_dq = dequantize(quantize(w, s_w, torch.zeros(5), -127, 127, 0, "int8"), s_w, torch.zeros(5), 0)
+    w_dq = dequantize(quantize(w, s_w, torch.zeros(5), -qw, qw, 0, "int8"), s_w, torch.zeros(5), 0)
     if bias:  # the bias sits on the int32 grid s_x * s_w, as the int8 model stores it
         b = dequantize(quantize(b, s_x * s_w, torch.zeros(5), -(2**31) + 1, 2**31 - 1, 0, "int32"), s_x * s_w, torch.zeros(5), 0)
     y = F.conv2d(x_dq, w_dq, b, padding=1)

@@ -93,7 +93,8 @@ def test_eval_forward_is_conv_with_fake_quantized_folded_weight_plus_folded_bias
     stem = qm.get_submodule("stem").eval()
     x = torch.randn(6, 3, 16, 16, generator=generator)
     _, w_fold, b_fold = _fold_by_hand(stem)
-    s_b = qm.x_fq.qparams()[0] * w_fold.detach().abs().amax(dim=(1, 2, 3)) / 127  # the int32 grid s_x * s_w_fold
+    qw = stem.weight_fq.spec.qmax
+    s_b = qm.x_fq.qparams()[0] * w_fold.detach().abs().amax(dim=(1, 2, 3)) / qw  # the int32 grid s_x * s_w_fold
     b_q = dequantize(quantize(b_fold, s_b, torch.zeros_like(s_b), -(2**31) + 1, 2**31 - 1, 0, "int32"), s_b, torch.zeros_like(s_b), 0)
     expected = F.relu(F.conv2d(x, _fq_by_hand(w_fold, stem.weight_fq.spec), b_q, padding=1))
     torch.testing.assert_close(stem(x), expected, rtol=1e-5, atol=1e-5)
@@ -208,8 +209,9 @@ def test_linear_bn_training_forward_is_bn_of_linear_with_fake_quantized_folded_w
     ref_bn.load_state_dict(fc1.bn.state_dict())
     k = fc1.bn.weight / torch.sqrt(fc1.bn.running_var + fc1.bn.eps)
     w_fold = fc1.weight * k[:, None]
-    scale = w_fold.detach().abs().amax(dim=1) / 127
-    w_q = dequantize(quantize(w_fold, scale, torch.zeros_like(scale), -127, 127, 0, "int8"), scale, torch.zeros_like(scale), 0)
+    qw = fc1.weight_fq.spec.qmax
+    scale = w_fold.detach().abs().amax(dim=1) / qw
+    w_q = dequantize(quantize(w_fold, scale, torch.zeros_like(scale), -qw, qw, 0, "int8"), scale, torch.zeros_like(scale), 0)
     expected = F.relu(ref_bn(F.linear(x, w_q) / k + fc1.bias))
     torch.testing.assert_close(fc1(x), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fc1.bn.running_mean, ref_bn.running_mean, rtol=1e-5, atol=1e-6)

@@ -153,8 +153,10 @@ def test_the_forward_signature_says_how_many_items_of_a_batch_are_inputs():
         lambda p, path: fxquant.export_onnx(p, path, torch.randn(1, 1, 28, 28)),
         lambda p, path: p.parameters(),
         lambda p, path: p.state_dict(),
+        lambda p, path: fxquant.report(p),
+        lambda p, path: fxquant.freeze_bn(p),
     ],
-    ids=["convert", "export_onnx", "export_onnx_with_inputs", "parameters", "state_dict"],
+    ids=["convert", "export_onnx", "export_onnx_with_inputs", "parameters", "state_dict", "report", "freeze_bn"],
 )
 def test_what_needs_shapes_before_the_first_call_says_what_to_pass(call, tmp_path):
     pending = fxquant.quantize(_demo()[0])

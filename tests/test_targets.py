@@ -184,3 +184,18 @@ def test_the_exported_weights_hold_the_bound(files):
     peaks = {n.name: int(np.abs(inits[n.input[0]].astype(np.int64)).max()) for n in model.graph.node
              if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8}
     assert peaks and all(p <= 64 or name.startswith("dw") for name, p in peaks.items()), peaks
+
+
+def test_target_cost_table_subtracts_per_model_and_names_failures(tmp_path, capsys):
+    from fxquant.tools import target_cost
+
+    portable = {"rows": [{"model": "a", "sqnr_int8_db": 30.0}, {"model": "b", "sqnr_int8_db": None}]}
+    vnni = {"rows": [{"model": "a", "sqnr_int8_db": 33.5}, {"model": "b", "sqnr_int8_db": 20.0}]}
+    paths = []
+    for name, rows in (("p.json", portable), ("v.json", vnni)):
+        (tmp_path / name).write_text(__import__("json").dumps(rows))
+        paths.append(str(tmp_path / name))
+    assert target_cost.main(["--from-json", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 30.0 | 33.5 | -3.5 |" in out and "| b | failed | 20.0 | failed |" in out
+    assert "median difference -3.5 dB over 1 models" in out

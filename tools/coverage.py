@@ -65,6 +65,7 @@ TEST_BATCH = 4
 class Row:
     model: str
     size: int
+    target: str | None = None  # the onnxruntime backend's deployment target (None: its default, portable)
     traced: bool = False
     fused: bool = False
     quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
@@ -162,7 +163,7 @@ def run_fxquant(row: Row, folder: str) -> None:
     trace: list = []
     start = time.perf_counter()
     try:
-        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace)
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target)
     finally:
         done = [p for p, _, _ in trace]
         row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
@@ -214,13 +215,13 @@ def run_torch_ao(row: Row, folder: str) -> None:
     _compare(row, path, reference, floats, test)
 
 
-def _one(name: str, size: int, torch_ao: bool, threads: int) -> Row:
+def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None) -> Row:
     """Run one model in this process; an exception becomes the row's error."""
     import torch
 
     torch.set_num_threads(threads)
     run = run_torch_ao if torch_ao else run_fxquant
-    row = Row(name, size)
+    row = Row(name, size, target)
     with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
         try:
             run(row, folder)
@@ -233,15 +234,16 @@ def _one(name: str, size: int, torch_ao: bool, threads: int) -> Row:
 def _in_subprocess(name: str, size: int, args) -> Row:
     cmd = [sys.executable, "-m", "fxquant.tools.coverage", "--one", name, "--size", str(size), "--threads", str(args.threads)]
     cmd += ["--torch-ao"] if args.torch_ao else []
+    cmd += ["--target", args.target] if args.target else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Row(name, size, error=f"timed out after {args.timeout} s")
+        return Row(name, size, args.target, error=f"timed out after {args.timeout} s")
     for line in done.stdout.splitlines():
         if line.startswith(MARKER):
             return Row(**json.loads(line[len(MARKER):]))
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Row(name, size, error=f"process exited with {done.returncode}: {tail[:300]}")
+    return Row(name, size, args.target, error=f"process exited with {done.returncode}: {tail[:300]}")
 
 
 def all_models() -> list[str]:
@@ -317,10 +319,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (default 1800)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model (default 1)")
     parser.add_argument("--size", type=int, help="input size for every model (default: per model, see the docstring)")
+    parser.add_argument("--target", help="the onnxruntime backend's deployment target (default: portable; vnni for "
+                        "8-bit weights everywhere)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
-        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads)
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target)
         print(MARKER + json.dumps(asdict(row)), flush=True)
         return 0
     names = [m for m in args.models.split(",") if m] if args.models else all_models()

@@ -1,0 +1,83 @@
+"""What the portable target costs in accuracy: the reference int8 model against float, per model, at each target.
+
+    python -m fxquant.tools.target_cost [--models a,b,...] [--json OUT] [--from-json PORTABLE.json VNNI.json]
+
+Runs tools/coverage's row (random-init torchvision model, BatchNorms randomized, PTQ on random batches,
+each model in its own process) once with target="portable" (the default: 7-bit weights on the convs and
+linears that reach a pair-summing integer GEMM) and once with target="vnni" (8-bit weights everywhere),
+and prints the "SQNR int8 vs float" column of both (the reference int8 graph against the float model,
+in dB; it does not depend on the CPU) and their difference. The ONNX Runtime columns are left out:
+they depend on the CPU, and the vnni file is not meant for a CPU without VNNI. `--from-json` formats
+two `coverage --json` files (portable first) instead of running the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+
+from fxquant.tools import coverage
+
+MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,regnet_y_400mf,shufflenet_v2_x1_0,"
+          "squeezenet1_1,densenet121,googlenet,mnasnet1_0,vgg11_bn,alexnet,convnext_tiny,vit_b_16,swin_t,inception_v3,"
+          "resnext50_32x4d,wide_resnet50_2,efficientnet_v2_s")
+TARGETS = ("portable", "vnni")
+
+
+def run(models: list[str], *, timeout: float = 1800, threads: int = 1) -> dict[str, list[dict]]:
+    """{target: [coverage row as a dict, ...]} for each target."""
+    out = {}
+    for target in TARGETS:
+        args = types.SimpleNamespace(threads=threads, torch_ao=False, target=target, timeout=timeout)
+        out[target] = []
+        for name in models:
+            row = coverage._in_subprocess(name, coverage.input_size(name), args)
+            print(f"{target:8s} {name:24s} {coverage._fmt(row.sqnr_int8_db, ' dB'):>9s} {row.error}", file=sys.stderr, flush=True)
+            out[target].append(vars(row))
+    return out
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    """Markdown: model, SQNR int8 vs float per target, the difference, and the medians."""
+    by_target = {t: {r["model"]: r.get("sqnr_int8_db") for r in rows[t]} for t in TARGETS}
+    lines = ["| model | SQNR int8 vs float, portable (dB) | 8-bit vnni (dB) | portable - vnni (dB) |", "|---|---:|---:|---:|"]
+    deltas = []
+    for name, portable in by_target["portable"].items():
+        vnni = by_target["vnni"].get(name)
+        delta = None if portable is None or vnni is None else portable - vnni
+        deltas += [delta] if delta is not None else []
+        cells = [coverage._fmt(v, " dB").replace(" dB", "") for v in (portable, vnni, delta)]
+        lines.append(f"| {name} | " + " | ".join(c or "failed" for c in cells) + " |")
+    if deltas:
+        deltas.sort()
+        median = deltas[len(deltas) // 2] if len(deltas) % 2 else (deltas[len(deltas) // 2 - 1] + deltas[len(deltas) // 2]) / 2
+        lines.append(f"\nmedian difference {median:+.1f} dB over {len(deltas)} models (min {deltas[0]:+.1f}, max {deltas[-1]:+.1f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fxquant.tools.target_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=MODELS, help="comma-separated torchvision classification models")
+    parser.add_argument("--json", help="write both targets' rows here")
+    parser.add_argument("--from-json", nargs=2, metavar=("PORTABLE", "VNNI"), help="format two coverage --json files")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per model and target")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        rows = {t: json.load(open(path))["rows"] for t, path in zip(TARGETS, args.from_json)}
+    else:
+        names = [m for m in args.models.split(",") if m]
+        unknown = sorted(set(names) - set(coverage.all_models()))
+        if unknown:
+            parser.error(f"--models: not torchvision classification models: {unknown}")
+        rows = run(names, timeout=args.timeout)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
