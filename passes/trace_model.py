@@ -98,7 +98,9 @@ def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False, 
         except Exception as exc:
             where, why = _broke_at(tracer, exc)
             if auto_leaf and where and where not in broken:
-                broken[where] = f"torch.fx cannot trace it at {why}"
+                kind = type(root.get_submodule(where)).__name__
+                broken[where] = (f"torch.fx cannot trace it at {why} (kept whole, float; to quantize inside it: "
+                                 f"fxquant.register_stand_in({kind}, make))")
                 continue
             kind = type(root.get_submodule(where)).__name__ if where else type(root).__name__
             module = f"module '{where}' ({kind})" if where else "the model's own forward"
