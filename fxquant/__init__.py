@@ -18,7 +18,7 @@ from fxquant.onnx import check_onnx, export_onnx
 from fxquant.qat import freeze_bn
 from fxquant.report import Report, report
 from fxquant.specs import QuantSpec
-from fxquant.traceable import register_stand_in
+from fxquant.stand_ins import register_stand_in
 from fxquant import viz  # a package you can call: fxquant.viz(model, ...) is fxquant.viz.viz(model, ...)
 
 __all__ = ["quantize", "calibrate", "convert", "export_onnx", "check_onnx", "QuantConfig", "set_fake_quant", "freeze_bn",

@@ -23,7 +23,7 @@ Attention (one stand-in for every class above; 1/sqrt(d) folded into the query's
 What stays float by rule: the additive mask (`AdditiveMask`, finfo.min where a token is padding or in the
 future) and position / token-type ids (`PositionIds`, `TokenTypeIds`) are FloatLeaf modules that trace keeps
 whole and torch.onnx exports; the mask is added inside the attention row, never quantized.
-A user's own attention class: fxquant.register_stand_in(MyAttention, make) (fxquant.traceable).
+A user's own attention class: fxquant.register_stand_in(MyAttention, make) (fxquant.stand_ins).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.traceable import FloatLeaf, NotDecomposable, _linear
+from fxquant.traceable import FloatLeaf, NotDecomposable, linear_from
 
 
 class AdditiveMask(FloatLeaf):
@@ -91,7 +91,7 @@ class TracedSelfAttention(nn.Module):
                     weight[:rows] *= scaling
                     if bias is not None:
                         bias[:rows] *= scaling
-            setattr(self, name, _linear(weight, bias))
+            setattr(self, name, linear_from(weight, bias))
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _attention(names, heads="num_attention_heads", head_dim="attention_head_size
 
 def _conv1d_linear(conv1d) -> nn.Linear:
     """GPT-2's Conv1D (x @ W + b, W stored (in, out)) as the nn.Linear it is."""
-    return conv1d if isinstance(conv1d, nn.Linear) else _linear(conv1d.weight.t(), conv1d.bias)
+    return conv1d if isinstance(conv1d, nn.Linear) else linear_from(conv1d.weight.t(), conv1d.bias)
 
 
 def _gpt2_attention(module):

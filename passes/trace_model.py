@@ -28,7 +28,8 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.meta import info, matches_names
 from fxquant.shapes import ShapeRunner, one_thread
-from fxquant.traceable import FloatLeaf, is_wrapped, with_stand_ins
+from fxquant.stand_ins import with_stand_ins
+from fxquant.traceable import FloatLeaf, is_wrapped
 
 
 class _Tracer(fx.Tracer):
