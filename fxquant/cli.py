@@ -2,6 +2,7 @@
 
     fxquant demo [--epochs N] [--qat-epochs N] [--fast] [--out DIR] [--json PATH] [--no-progress] [--seed N]
     fxquant viz MODEL_OR_ONNX [--input-shape 1,3,224,224] [--overlay x.json] [--sqnr] [--dot|--svg|--png PATH] -o out.html
+    fxquant sensitivity / fxquant compare: see fxquant.analysis_cli
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxquant.analysis_cli import add_commands as add_analysis_commands
 from fxquant.demo import EPOCHS, QAT_EPOCHS, run_demo
 from fxquant.errors import FxQuantError
 
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fxquant.viz.cli import add_parser as add_viz
 
     add_viz(commands)
+    add_analysis_commands(commands)
     return parser
 
 

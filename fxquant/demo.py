@@ -250,6 +250,21 @@ def onnx_figures(model, qat, example, x_test, y_test, int8_pred, *, out_dir: str
     }
 
 
+# ---------------------------------------------------------------- what QAT improved
+
+IMPROVEMENT_DIGITS = 256  # one batch of test digits through float, PTQ and QAT, layer by layer
+
+
+def qat_improvement(model, ptq, qat, x_test, out_dir: str | None):
+    """fxquant.compare's per-layer SQNR of the PTQ and QAT int8 graphs against float; the plot in out_dir."""
+    from fxquant.compare import improvement
+
+    improved = improvement(model, {"PTQ": ptq, "QAT": qat}, x_test[:IMPROVEMENT_DIGITS])
+    if out_dir is not None:
+        improved.save(os.path.join(out_dir, "qat_improvement"))
+    return improved
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -342,13 +357,15 @@ def run_demo(*, epochs: int = EPOCHS, qat_epochs: int = QAT_EPOCHS, fast: bool =
         r["qat_acc"] = percent(int8_pred, y_test)
 
         r.update(onnx_figures(model, qat, example, x_test, y_test, int8_pred, out_dir=out_dir, fast=fast))
+        improved = qat_improvement(model, ptq, qat, x_test, out_dir if keep_files else None)
+        r["qat_improvement"] = improved.to_json()
         r.update(n_train=len(x_train), n_test=len(x_test), epochs=epochs, qat_epochs=qat_epochs, seed=seed, fast=fast,
                  torch_threads=TORCH_THREADS, onnxruntime_threads=ORT_THREADS, wall_s=time.perf_counter() - start)
         if not keep_files:
             del r["fp32_onnx_path"], r["int8_onnx_path"]  # removed with the temporary folder
 
     if echo is not None:
-        echo(format_table(r))
+        echo(format_table(r) + "\n\nWhat QAT improved: " + str(improved))
     if json_path is not None:
         with open(json_path, "w") as f:
             json.dump(r, f, indent=2)

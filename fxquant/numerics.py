@@ -20,7 +20,7 @@ TORCH_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "int32": torch.int32}
 _TINY_SCALE = torch.finfo(torch.float32).eps  # a range of zero width still gets a usable scale
 
 
-def _along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Reshape per-channel qparams `t` so they broadcast against `x` along `axis`."""
     if axis is None or t.dim() == 0:
         return t
@@ -31,7 +31,7 @@ def _along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def quantize(x_fp32, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, dtype: str = "int32"):
     """QuantizeLinear. Returns the integer tensor stored as `dtype` (torch.round is half-to-even)."""
-    scale, zero_point = _along(scale, x_fp32, axis), _along(zero_point, x_fp32, axis)
+    scale, zero_point = along(scale, x_fp32, axis), along(zero_point, x_fp32, axis)
     q = torch.round(x_fp32 / scale) + zero_point
     # float32 cannot hold the int32 bounds (2**31 - 1 rounds up to 2**31, which wraps on the cast): clamp in float64
     q = torch.clamp(q.double() if dtype == "int32" else q, qmin, qmax)
@@ -40,7 +40,7 @@ def quantize(x_fp32, scale, zero_point, qmin: int, qmax: int, axis: int | None =
 
 def dequantize(q_int, scale, zero_point, axis: int | None = None):
     """DequantizeLinear: (q - zero_point) * scale, in float32."""
-    scale, zero_point = _along(scale, q_int, axis), _along(zero_point, q_int, axis)
+    scale, zero_point = along(scale, q_int, axis), along(zero_point, q_int, axis)
     return (q_int.to(torch.float32) - zero_point.to(torch.float32)) * scale
 
 
@@ -50,7 +50,7 @@ def _bounds(zero_point: torch.Tensor, qmin: int, qmax: int, x: torch.Tensor, axi
     if zero_point.numel() == 1 or bool((zero_point == zp0).all()):
         zp = float(zp0) if zp0.numel() else 0.0
         return qmin - zp, qmax - zp
-    zp = _along(zero_point, x, axis)
+    zp = along(zero_point, x, axis)
     return qmin - zp, qmax - zp
 
 
@@ -60,7 +60,7 @@ def _grid(x, scale, zero_point, qmin: int, qmax: int, axis: int | None, keep_v: 
     q * s is dequantize(quantize(x)) bit for bit: round(v) and zp are integers below 2**24, so adding zp,
     clamping to [qmin, qmax] and subtracting zp again is exact; shifting the bounds instead saves passes.
     """
-    s = _along(scale, x, axis)
+    s = along(scale, x, axis)
     lo, hi = _bounds(zero_point, qmin, qmax, x, axis)
     v = torch.div(x, s)
     q = torch.round(v) if keep_v else v.round_()  # without keep_v, v is overwritten
@@ -93,7 +93,7 @@ class _FakeQuantInRange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, axis):
-        s = _along(scale, x, axis)
+        s = along(scale, x, axis)
         return torch.div(x, s).round_().mul_(s)
 
     @staticmethod

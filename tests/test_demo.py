@@ -43,14 +43,18 @@ def test_run_demo_fast_keeps_files_and_writes_json(tmp_path):
                  echo=table.append)
     check_figures(r)
     assert r["fast"] is True and r["n_train"] + r["n_test"] <= 1000
-    assert sorted(os.listdir(out)) == ["digitnet_fp32.onnx", "digitnet_int8.onnx"]
+    assert sorted(os.listdir(out)) == ["digitnet_fp32.onnx", "digitnet_int8.onnx", "qat_improvement.json",
+                                       "qat_improvement.png", "qat_improvement.sqnr_int8_db_PTQ.json",
+                                       "qat_improvement.sqnr_int8_db_PTQ_own.json", "qat_improvement.sqnr_int8_db_QAT.json",
+                                       "qat_improvement.sqnr_int8_db_QAT_own.json", "qat_improvement.svg"]
+    assert [row[0] for row in r["qat_improvement"]["rows"]][:2] == ["x_fq", "stem_0_fq"]
     assert os.path.getsize(r["int8_onnx_path"]) == r["int8_onnx_bytes"]
     ops = {node.op_type for node in onnx.load(r["int8_onnx_path"]).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Add"} <= ops  # QDQ, not a float file renamed
     assert "QuantizeLinear" not in {node.op_type for node in onnx.load(r["fp32_onnx_path"]).graph.node}
     assert json.loads(json_path.read_text()) == r
     (text,) = table
-    for row in ("FP32", "PTQ int8", "QAT int8", "ONNX Runtime int8"):
+    for row in ("FP32", "PTQ int8", "QAT int8", "ONNX Runtime int8", "What QAT improved", "model output (logits)"):
         assert row in text
     assert f"{r['fp32_acc']:.2f} %" in text and f"{r['onnx_acc']:.2f} %" in text
 

@@ -137,11 +137,11 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
     calib_data: calibration batches (default: 4 seeded N(0, 1) batches of the inputs' shapes).
     stages: stage ids to keep (default all of STAGE_IDS that apply).
     """
-    import fxquant
+    from fxquant.config import QuantConfig
 
-    if config is not None and not isinstance(config, fxquant.QuantConfig):
+    if config is not None and not isinstance(config, QuantConfig):
         raise FxQuantError(f"config: expected an fxquant.QuantConfig, got {type(config).__name__}")
-    config = (config or fxquant.QuantConfig()).replace(**options)
+    config = (config or QuantConfig()).replace(**options)
     overlays = _overlays(overlay, overlay_better)
     if stages is not None:
         unknown = [s for s in stages if s not in STAGE_IDS]

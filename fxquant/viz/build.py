@@ -49,10 +49,10 @@ def _stage_label(pass_name: str) -> tuple[str, str]:
 
 def _report_reasons(gm: fx.GraphModule) -> dict[str, str]:
     """node name -> why it runs float, from fxquant.report (the row, the trace failure, or no row)."""
-    import fxquant
+    from fxquant.report import report
 
     try:
-        rep = fxquant.report(gm)
+        rep = report(gm)
     except FxQuantError:
         return {}
     reasons = {op.name: f"kept whole by trace, runs float: {op.leaf}" for op in rep.leaves}
@@ -84,21 +84,23 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, config=None, calib_
     The passes before insert_fake_quant run one by one (fxquant.prepare_passes + pipeline.run_passes) for their
     snapshots; the fake-quant model itself is fxquant.quantize's, so it is exactly what a user gets.
     """
-    import fxquant
+    from fxquant.api import convert, prepare_passes, quantize
+    from fxquant.config import QuantConfig
+    from fxquant.onnx import export_onnx
     from fxquant.pipeline import pass_name, run_passes
 
     wanted = set(stages) if stages else None
-    config = config or fxquant.QuantConfig()
+    config = config or QuantConfig()
     built = Built(stages=[], example_inputs=example_inputs)
     keep = (lambda sid: wanted is None or sid in wanted)
-    passes = fxquant.prepare_passes(config, example_inputs=example_inputs)
+    passes = prepare_passes(config, example_inputs=example_inputs)
     gm = _copy(model).eval()
     for i, p in enumerate(passes):
         sid, label = _stage_label(pass_name(p))
         try:
             if sid == "fake-quant":  # quantize() = these passes + the model's meta (backend, config) + calibration
                 batches = calib_data if calib_data is not None else _random_batches(example_inputs, CALIB_BATCHES)
-                gm = fxquant.quantize(_copy(model).eval(), example_inputs, config, calib_data=batches, progress=False)
+                gm = quantize(_copy(model).eval(), example_inputs, config, calib_data=batches, progress=False)
             else:
                 gm = run_passes(gm, [p])
         except FxQuantError as exc:
@@ -120,7 +122,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, config=None, calib_
     if wanted is not None and not wanted & {"int8", "onnx", "ort"}:
         return built
     try:
-        int8 = fxquant.convert(gm)
+        int8 = convert(gm)
     except Exception as exc:  # noqa: BLE001 - shown on the page, the earlier stages are still worth seeing
         built.stages.append(Stage("int8", "reference int8", "convert", error=_stage_error("int8", exc)))
         return built
@@ -131,7 +133,7 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, config=None, calib_
     with tempfile.TemporaryDirectory(prefix="fxquant-viz-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         try:
-            fxquant.export_onnx(int8, path, example_inputs)
+            export_onnx(int8, path, example_inputs)
         except Exception as exc:  # noqa: BLE001
             built.stages.append(Stage("onnx", "ONNX (QDQ)", "export_onnx", error=_stage_error("onnx", exc)))
             return built
