@@ -268,7 +268,9 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
         for r in tqdm(range(max(1, rounds)), desc="solve and measure", disable=not progress, leave=False):
             budget = hi if r == 0 else math.sqrt(lo * hi)
             plan = plan_for(budget)
-            if plan is not None and _meets(plan, max_drop):
+            if plan is None:  # no assignment fits so small a budget (with the narrow_fraction constraint): raise it
+                lo = budget
+            elif _meets(plan, max_drop):
                 if best is None or plan.weight_bits < best.weight_bits:
                     best = plan
                 lo = budget

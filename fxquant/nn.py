@@ -431,7 +431,22 @@ class LinearBnAct(BnFolded, LinearAct):
     match_as = LinearAct
 
 
-FUSED_CLASSES = {nn.Conv1d: ConvAct1d, nn.Conv2d: ConvAct2d, nn.Conv3d: ConvAct3d, nn.Linear: LinearAct}
+class EmbeddingQ(WeightedAct, nn.Embedding):
+    """embedding(ids, fq(weight)): a weight-only int8 table (one scale per row), read by Gather; no bias, no act."""
+
+    channel_axis = -1
+
+    def __init__(self, *args, act: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fused(act)
+
+    bias = None
+
+    def _apply_weight(self, x, w, b):
+        return F.embedding(x, w, self.padding_idx)
+
+
+FUSED_CLASSES = {nn.Conv1d: ConvAct1d, nn.Conv2d: ConvAct2d, nn.Conv3d: ConvAct3d, nn.Linear: LinearAct, nn.Embedding: EmbeddingQ}
 BN_FOLDED_CLASSES = {nn.Conv1d: ConvBnAct1d, nn.Conv2d: ConvBnAct2d, nn.Conv3d: ConvBnAct3d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
 
 

@@ -24,7 +24,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source
-from fxquant.nn import ConvAct, FakeQuantize, LinearAct, WeightedAct
+from fxquant.nn import ConvAct, EmbeddingQ, FakeQuantize, LinearAct, WeightedAct
 from fxquant.numerics import dequantize, quantize
 
 ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6}
@@ -93,7 +93,9 @@ def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source_node
                           b.const(f"{node.name}_b_scale", b_scale), b.const(f"{node.name}_b_zp", torch.zeros_like(b_scale)), 0)
         elif float_bias is not None:
             bias = b.const(f"{node.name}_bias", float_bias)
-        if isinstance(module, ConvAct):
+        if isinstance(module, EmbeddingQ):  # int8 table -> DequantizeLinear -> Gather
+            fn, args = F.embedding, (node.args[0], w)
+        elif isinstance(module, ConvAct):
             fn, args = module.conv_function, (x, w, bias, module.stride, padding, module.dilation, module.groups)
         else:
             fn, args = F.linear, (node.args[0], w, bias)
@@ -144,7 +146,7 @@ def lower_to_int8(gm: fx.GraphModule) -> fx.GraphModule:
     b = _Builder(gm)
     for node in nodes:
         module = modules.get(node)
-        if isinstance(module, (ConvAct, LinearAct)) and module.weight_fq is not None:
+        if isinstance(module, (ConvAct, LinearAct, EmbeddingQ)) and module.weight_fq is not None:
             source = sources[node.args[0]]
             if source is not None:
                 _check_calibrated(source, modules[source])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import traceback
+from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
@@ -28,7 +29,8 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.meta import info, matches_names
 from fxquant.shapes import ShapeRunner, one_thread
-from fxquant.traceable import FloatLeaf, is_wrapped, with_stand_ins
+from fxquant.stand_ins import with_stand_ins
+from fxquant.traceable import FloatLeaf, is_wrapped
 
 
 class _Tracer(fx.Tracer):
@@ -63,28 +65,52 @@ def _broke_at(tracer: _Tracer, exc: BaseException) -> tuple[str, str]:
     return where, f"{_user_frame(exc)}: {type(exc).__name__}: {exc}"
 
 
-def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False) -> tuple[fx.GraphModule, dict]:
+def _inputs_given(root: nn.Module, example_inputs, concrete_args) -> tuple[list[str], dict]:
+    """(the forward parameters the example inputs give, in the forward's order; concrete_args with every other
+    parameter that has a default fixed at it). A dict of keyword inputs gives its keys, a tuple the first ones."""
+    params = [p for p in inspect.signature(root.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    fixed = dict(concrete_args or {})
+    if isinstance(example_inputs, Mapping):
+        unknown = [k for k in example_inputs if k not in [p.name for p in params]]
+        if unknown:
+            raise FxQuantError(f"example_inputs: {unknown} are not inputs of {type(root).__name__}.forward; it takes "
+                               f"{[p.name for p in params]}")
+        given = [p.name for p in params if p.name in example_inputs]
+    else:
+        given = [p.name for p in params if p.name not in fixed][:len(example_inputs)]
+    fixed.update({p.name: p.default for p in params if p.name not in given and p.name not in fixed and p.default is not p.empty})
+    return given, fixed or None
+
+
+def _trace(model: nn.Module, leaves, concrete_args, *, auto_leaf: bool = False, example_inputs=()):
     """Trace `model`; with `auto_leaf`, a submodule that breaks tracing is kept whole and tracing retried.
 
-    Returns the GraphModule and {leaf qualname: why it was kept whole} for the modules made leaves here.
+    Returns the GraphModule, {leaf qualname: why it was kept whole} for the modules made leaves here, the
+    module traced (the model or its stand-in) and the concrete arguments used.
     """
     broken: dict[str, str] = {}
     while True:
         root = with_stand_ins(model, keep=tuple(leaves) + tuple(broken))
+        _, fixed = _inputs_given(root, example_inputs, concrete_args)
         tracer = _Tracer(tuple(leaves) + tuple(broken))
         try:
-            graph = tracer.trace(root, concrete_args=concrete_args)
-            return fx.GraphModule(tracer.root, graph, type(model).__name__), broken
+            graph = tracer.trace(root, concrete_args=fixed)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__), broken, root, fixed
         except Exception as exc:
             where, why = _broke_at(tracer, exc)
             if auto_leaf and where and where not in broken:
-                broken[where] = f"torch.fx cannot trace it at {why}"
+                kind = type(root.get_submodule(where)).__name__
+                broken[where] = (f"torch.fx cannot trace it at {why} (kept whole, float; to quantize inside it: "
+                                 f"fxquant.register_stand_in({kind}, make))")
                 continue
-            kind = type(root.get_submodule(where)).__name__ if where else ""
+            kind = type(root.get_submodule(where)).__name__ if where else type(root).__name__
             module = f"module '{where}' ({kind})" if where else "the model's own forward"
             fix = f"exclude=['{where}'] (keeps it in float) or leaf_modules=['{where}']" if where else (
                 "concrete_args= for an argument the branch reads, or move the branch into a submodule (which can be kept whole)"
             )
+            fix += (f", or give {kind} a traceable stand-in: fxquant.register_stand_in({kind}, make) where make(module) "
+                    "returns an nn.Module computing the same in traceable ops (see fxquant.hf for examples)")
             raise FxQuantError(f"torch.fx cannot trace {module} at {why}. Fix: pass {fix}.") from exc
 
 
@@ -125,8 +151,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
 def _bind_concrete_args(gm: fx.GraphModule, model: nn.Module, concrete_args) -> None:
     """fx keeps a placeholder per concrete argument; read its value from `concrete_args` instead."""
-    names = list(inspect.signature(model.forward).parameters)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.target.startswith("*")]
     if not concrete_args or len(names) != len(placeholders):
         return
     for name, node in zip(names, placeholders):
@@ -173,10 +199,18 @@ def _with_defaults(model: nn.Module, n_given: int, concrete_args) -> dict | None
 def trace_model(model: nn.Module, *, example_inputs: tuple, leaf_modules=(), exclude=(), concrete_args=None,
                 auto_leaf: bool = False) -> fx.GraphModule:
     leaf_modules, exclude = tuple(leaf_modules), tuple(exclude)
-    concrete_args = _with_defaults(model, len(example_inputs), concrete_args)
-    gm, broken = _trace(model, leaf_modules + exclude, concrete_args, auto_leaf=auto_leaf)
-    _bind_concrete_args(gm, model, concrete_args)
+    if isinstance(model, fx.GraphModule):  # from any tracer (HFTracer, the user's own): taken as it is
+        gm, broken = model, {}
+    else:
+        gm, broken, root, fixed = _trace(model, leaf_modules + exclude, concrete_args, auto_leaf=auto_leaf,
+                                         example_inputs=example_inputs)
+        _bind_concrete_args(gm, root, fixed)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(example_inputs, Mapping):
+        missing = [n.target for n in placeholders if n.target not in example_inputs]
+        if missing:
+            raise FxQuantError(f"example_inputs: the model's graph reads inputs {missing} the dict does not give")
+        example_inputs = tuple(example_inputs[n.target] for n in placeholders)
     if len(placeholders) != len(example_inputs):
         names = [n.target for n in placeholders]
         raise FxQuantError(f"example_inputs: the model takes {len(names)} inputs {names}, got {len(example_inputs)}")

@@ -154,9 +154,12 @@ def test_improvement_own_weights_equal_float_until_the_weights_move(built, tmp_p
     from fxquant.compare import improvement
 
     model, qmodel, int8, path, x = built
-    moved = fxquant.quantize(model, x[:1], calib_data=[x], reduce_range=True, progress=False)
+    import copy
+
+    shifted = copy.deepcopy(model)
     with torch.no_grad():
-        moved.conv2.weight.mul_(1.3)
+        shifted.conv2.weight.mul_(1.3)
+    moved = fxquant.quantize(shifted, x[:1], calib_data=[x], reduce_range=True, progress=False)
     imp = improvement(model, {"PTQ": qmodel, "moved": moved}, x)
     rows = {name: vals for name, *vals in imp.rows()}
     ptq_fp32, moved_fp32, ptq_own, moved_own = rows["conv3_fq"]

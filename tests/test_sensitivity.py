@@ -108,7 +108,7 @@ def test_layers_own_exactly_what_layer_bits_sets(block):
 
 def test_no_quantizable_layer_is_an_error():
     model = nn.Sequential(nn.ReLU())
-    with pytest.raises(fxquant.FxQuantError, match="no quantizable layer|nothing to quantize"):
+    with pytest.raises(fxquant.FxQuantError, match="nothing to quantize|no quantizable layer"):
         fxquant.sensitivity(model, [(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))], progress=False)
 
 
@@ -306,3 +306,11 @@ def test_milp_keeps_the_narrow_fraction():
     assert [widths[i] for i in forced] == [4, 4, 4] and harm == pytest.approx(0.7)
     with pytest.raises(fxquant.FxQuantError):
         solve(drops, params, widths, max_harm=0.5, layers=[1, 1, 1], min_narrow=3)
+
+
+def test_mixed_precision_with_the_narrow_constraint_still_bisects(mlp):
+    """Budgets too small for narrow_fraction's constraint are infeasible: they must raise the budget, not end the
+    search at the least-KL plan. 3 of 3 layers below 8 bits at a loose floor: a narrow plan is found."""
+    plan = fxquant.mixed_precision(mlp, _val(200), max_drop=5.0, w_bits=4, a_bits=4, narrow_fraction=1.0, progress=False)
+    assert plan.below_8_fraction == 1.0 and plan.float_metric - plan.measured_metric <= 5.0
+    assert all(r["kl_budget"] is not None for r in plan.rounds)  # never fell back to the unconstrained plan

@@ -60,7 +60,8 @@ def data(seed: int, quick: bool):
     return (x_fit, y_fit), batches(x_val, y_val, 250), batches(x_test, y_test, 250)
 
 
-def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress: bool = True) -> dict:
+def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress: bool = True, narrow: float = NARROW,
+        sweep_bits=(4, 3, 2)) -> dict:
     start = time.perf_counter()
     torch.manual_seed(seed)
     (x_fit, y_fit), val, test = data(seed, quick)
@@ -68,11 +69,11 @@ def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress:
                   augment=True, progress=progress, desc="float training").eval()
     calib = [x for x, _ in batches(x_fit, y_fit, BATCH)[:CALIB_BATCHES]]
     options = {"observer": OBSERVER, "calib_data": calib}
-    r: dict = {"cpu": cpu_flags(), "seed": seed, "quick": quick, "n_fit": len(x_fit),
+    r: dict = {"cpu": cpu_flags(), "seed": seed, "quick": quick, "narrow_fraction": narrow, "n_fit": len(x_fit),
                "n_val": sum(len(y) for _, y in val), "n_test": sum(len(y) for _, y in test), "sensitivity": {}, "mixed": {}}
 
     reports = {}
-    for bits in (4, 3, 2):
+    for bits in sorted(set(sweep_bits) | {4, 3}, reverse=True):  # 4 and 3 rank the baseline's layers
         rep = fxquant.sensitivity(model, val, w_bits=bits, a_bits=bits, progress=progress, **options)
         reports[bits] = rep
         r["sensitivity"][f"W{bits}A{bits}"] = {"float": rep.float_metric, "all_quantized": rep.quantized_metric,
@@ -83,7 +84,7 @@ def run(*, seed: int = 0, quick: bool = False, out: str | None = None, progress:
 
     params = {x.name: x.params for x in reports[4].layers}
     for bits in (4, 3):
-        plan = fxquant.mixed_precision(model, val, max_drop=MAX_DROP, w_bits=bits, a_bits=bits, narrow_fraction=NARROW,
+        plan = fxquant.mixed_precision(model, val, max_drop=MAX_DROP, w_bits=bits, a_bits=bits, narrow_fraction=narrow or None,
                                        bits=tuple(sorted({2, bits, 4, 8})), holdout=test, progress=progress, **options)
         print(plan, "\n")
         ranking = [x.name for x in sorted(reports[bits].layers, key=lambda x: -x.only_wa_kl)]  # most distorting first
@@ -123,7 +124,8 @@ def format_summary(r: dict) -> str:
                    f"{'met' if v['below_8_fraction'] >= 0.9 else 'NOT met'}",
                    f"{k}: {v['avg_weight_bits']:.2f} weight bits vs {v['baseline_avg_weight_bits']:.2f} with the "
                    f"{v['baseline_k']} most sensitive float: {'met' if v['avg_weight_bits'] < v['baseline_avg_weight_bits'] else 'NOT met'}"]
-    lines += ["", f"mixed precision, floor FP32 - {MAX_DROP} chosen on the validation digits (top-1 %, int8 reference graph)",
+    lines += ["", f"mixed precision, floor FP32 - {MAX_DROP} chosen on the validation digits (top-1 %, int8 reference graph), "
+              f"at least {100 * r['narrow_fraction']:.0f} % of the layers below 8 bits",
               format_table(("plan", "predicted val", "measured val", "held out", "FP32 held out", "avg weight bits", "< 8 bits"), rows),
               "", *checks, f"wall time {r['wall_s']:.0f} s"]
     return "\n".join(lines)
@@ -136,10 +138,14 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write each sensitivity report's JSON, PNG and SVG here")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--sweep-bits", type=int, nargs="+", default=[4, 3, 2], help="sensitivity widths (4 and 3 always)")
+    p.add_argument("--narrow-fraction", type=float, default=NARROW,
+                   help=f"layers below 8 bits, at least (a constraint of the program; 0: none; default {NARROW})")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = run(seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress)
+    r = run(seed=args.seed, quick=args.quick, out=args.out, progress=not args.no_progress, narrow=args.narrow_fraction,
+            sweep_bits=tuple(args.sweep_bits))
     print(format_summary(r))
     if args.json:
         with open(args.json, "w") as f:

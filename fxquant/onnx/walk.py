@@ -232,6 +232,8 @@ def to_onnx(gm: fx.GraphModule, example_inputs: tuple, *, opset: int = 17, dynam
                 outputs.append(_value_info(name, example, dynamic_batch, bigger))
         else:
             e.names[node] = _convert(e, node, batch_values, node not in from_inputs, real)
+    live = {o.name for o in outputs}  # nodes whose values nothing reads (a table dequantized by rows instead) go
+    e.nodes = [n for n in reversed(e.nodes) if any(o in live for o in n.output) and not live.update(n.input)][::-1]
     used = {i for n in e.nodes for i in n.input}
     initializers = [t for name, t in e.initializers.items() if name in used]
     graph = helper.make_graph(e.nodes, type(gm).__name__, inputs, outputs, initializers)
