@@ -11,9 +11,10 @@ from torch import fx, nn
 from fxquant.backends import BACKEND_META
 from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
-from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, first_batch, forward_arity, one_row
+from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, by_name, first_batch, forward_arity, one_row
 from fxquant.nn import FakeQuantize, fake_quants, set_fake_quant
-from fxquant.passes import annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lower_to_int8, trace_model
+from fxquant.passes import (annotate_quant, decompose_ops, fuse_modules, insert_fake_quant, lift_functional, lower_to_int8,
+                            smooth_activations, trace_model)
 from fxquant.pending import PendingQuantization, not_run_yet
 from fxquant.pipeline import paused_gc, run_passes
 
@@ -48,13 +49,21 @@ def copy_model(model: nn.Module) -> nn.Module:
         return module(model)
 
 
-def prepare_passes(config: QuantConfig | None = None, *, example_inputs, **overrides) -> list:
+def prepare_passes(config: QuantConfig | None = None, *, example_inputs, calib_data=None, **overrides) -> list:
     """The prepare pipeline for `config` (keywords override its fields), as a list you can read and pass to
-    `fxquant.pipeline.run_passes` yourself."""
+    `fxquant.pipeline.run_passes` yourself. `calib_data` is read by smooth_activations (config.smooth)."""
     config = (config or QuantConfig()).replace(**overrides)
+    smooth = []
+    if config.smooth is not None:
+        if calib_data is None:
+            raise FxQuantError(f"smooth={config.smooth}: SmoothQuant measures activations; pass calib_data= (a list "
+                               "or a DataLoader: it is read once more to calibrate)")
+        smooth = [partial(smooth_activations, calib_data=calib_data, alpha=config.smooth, exclude=config.exclude)]
     return [
         partial(trace_model, example_inputs=example_inputs, leaf_modules=config.leaf_modules, exclude=config.exclude,
                 concrete_args=config.as_kwargs()["concrete_args"], auto_leaf=True),
+        lift_functional,
+        *smooth,
         partial(fuse_modules, qat=config.qat),
         partial(decompose_ops, exclude=config.exclude),
         partial(annotate_quant, backend=config.backend_table(), w_bits=config.w_bits, a_bits=config.a_bits,
@@ -121,10 +130,14 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
 def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs: tuple, *, calib_data=None,
               progress: bool = True, recorded=None) -> fx.GraphModule:
     """quantize() once the example inputs are known: the passes, the model's meta, calibration, QAT's flags."""
-    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs), trace=pass_trace)
+    qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs, calib_data=calib_data), trace=pass_trace)
+    if not fake_quants(qmodel):
+        raise nothing_to_quantize(qmodel)
+    names = input_names(qmodel)  # keyword inputs (a dict) in the order of the graph's inputs from here on
+    example_inputs = by_name(example_inputs, names)
     qmodel.meta[BACKEND_META] = config.backend_table()
     qmodel.meta[CONFIG_META] = config
-    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else recorded
+    qmodel.meta[EXAMPLE_META] = example_inputs if recorded is None else by_name(recorded, names)
     if calib_data is not None:
         calibrate(qmodel, calib_data, n_inputs=len(example_inputs), progress=progress)
     if config.qat:
@@ -149,20 +162,22 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     if isinstance(qmodel, PendingQuantization):  # quantize(model) with no inputs: the first batch gives them
         inputs, calib_data = first_batch(calib_data, n_inputs or qmodel.n_inputs)
         qmodel.materialize(inputs, recorded=one_row(inputs))
-    n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
+    names = input_names(qmodel)
+    n_inputs = n_inputs or len(names)
     was_training = qmodel.training
     qmodel.eval()
     set_fake_quant(qmodel, observe=True, enabled=False)
     seen = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None
     for i, batch in enumerate(tqdm(calib_data, desc="calibrate", total=total, disable=not progress, leave=False)):
-        qmodel(*batch_inputs(batch, n_inputs, i))
+        qmodel(*batch_inputs(batch, n_inputs, i, names))
         seen += 1
     if seen == 0:
         raise FxQuantError("calib_data is empty: pass an iterable of at least one input batch")
     missed = [name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and not m.calibrated]
     if missed:
         raise FxQuantError(f"calib_data never reached fake-quant nodes {missed}: feed inputs that exercise every branch")
+    _refuse_sentinels(qmodel)
     set_fake_quant(qmodel, observe=False, enabled=True)
     if bias_correction:
         from fxquant.bias_correction import correct_bias
@@ -172,10 +187,49 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     return qmodel
 
 
+def nothing_to_quantize(qmodel: fx.GraphModule) -> FxQuantError:
+    """The error of a model in which no backend row claimed anything, with fxquant.report's reasons."""
+    from fxquant.report import report
+
+    return FxQuantError(
+        "quantize: nothing to quantize: no backend row claimed any op of this model, so the result would be the float "
+        "model. What each op became:\n" + str(report(qmodel)) + "\nFix: check exclude= and leaf_modules=; a layer kept "
+        "whole by trace (listed above) quantizes once torch.fx can trace it; a functional conv/linear quantizes when its "
+        "weight is a parameter or buffer of the model (not computed in forward)")
+
+
+def input_names(gm: fx.GraphModule) -> list[str]:
+    """The graph's inputs (placeholders) by name, in order."""
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+SENTINEL = 1e6  # |x| at or above this in an activation's range: a mask's stand-in for -inf, not a value to quantize
+
+
+def _refuse_sentinels(qmodel: fx.GraphModule) -> None:
+    """An activation whose observed range reaches a sentinel (finfo.min, -1e9: an additive mask) would get a scale
+    that rounds every real value to zero (a 1e36 scale): raise, naming the node and the fix."""
+    for name, fq in qmodel.named_modules():
+        if not isinstance(fq, FakeQuantize) or fq.of_weight or not fq.calibrated:
+            continue
+        lo, hi = float(fq.observer.min_val.min()), float(fq.observer.max_val.max())
+        if max(abs(lo), abs(hi)) >= SENTINEL:
+            node = next((n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == name), None)
+            source = node.args[0].name if node is not None and isinstance(node.args[0], fx.Node) else name
+            raise FxQuantError(
+                f"calibrate: activation '{source}' (fake-quant '{name}') was observed in [{lo:.3g}, {hi:.3g}]: sentinel "
+                f"values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) would give it a scale of "
+                f"{(hi - lo) / 255:.3g}. Keep it float: exclude=['{source}'] or the op that reads it, or add the mask "
+                "inside an attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
+
+
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:
     """The reference int8 GraphModule: int8 weights, int32 bias, Q/DQ between ops (ONNX semantics)."""
     if isinstance(qmodel, PendingQuantization):
         raise not_run_yet("convert")
+    if isinstance(qmodel, fx.GraphModule) and not fake_quants(qmodel) and qmodel.meta.get(CONFIG_META) is not None:
+        raise FxQuantError("convert: this model has no fake-quant left (was it converted already, or its fake-quant "
+                           "modules removed?); convert the model fxquant.quantize() returned")
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError("convert: expected the fake-quant GraphModule returned by fxquant.quantize()")
     int8 = copy.deepcopy(qmodel).eval()

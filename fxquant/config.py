@@ -85,6 +85,8 @@ class QuantConfig:
     fake_quant    "ste", "lsq", "lsq+" or None (the backend's)       observer      "minmax", "moving_average", ... or None
     exclude       module names / types / functions kept float        leaf_modules  module names / types kept whole
     concrete_args {forward argument: value} fixed while tracing
+    smooth        SmoothQuant's alpha in (0, 1) for the Linear layers that read a GELU (passes/smooth_activations;
+                  needs calib_data), or None
 
     Containers are stored as tuples (layer_bits and concrete_args as (key, value) pairs), so the
     value cannot change after it is validated; `as_kwargs()` gives them back as quantize() takes them.
@@ -102,6 +104,7 @@ class QuantConfig:
     exclude: tuple = ()
     leaf_modules: tuple = ()
     concrete_args: tuple | None = None
+    smooth: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.backend, Backend) and self.backend not in BACKENDS:
@@ -112,6 +115,9 @@ class QuantConfig:
         check_bits("a_bits", self.a_bits)
         _check_choice("fake_quant", self.fake_quant, FAKE_QUANTS)
         _check_choice("observer", self.observer, OBSERVERS)
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, (int, float))
+                                        or not 0.0 < self.smooth < 1.0):
+            raise FxQuantError(f"smooth={self.smooth!r}: expected None or SmoothQuant's alpha in (0, 1), e.g. 0.5")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: normalise once)
         set_("layer_bits", None if self.layer_bits is None else check_layer_bits(self.layer_bits))
         set_("exclude", _check_names("exclude", self.exclude, "module names, module types or functions"))

@@ -66,7 +66,9 @@ class FakeQuantize(nn.Module):
             return False
         return self.training or self.of_weight or not self.enabled or not self.observer.has_data
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, min_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """fq(x); `min_scale` (per channel, a weight's: see WeightedAct.bias_scale_floor) raises the scale
+        used where it is larger; the stored scale is left as observed or learned."""
         observed = self.observing
         if observed:
             self.observer(x)
@@ -77,11 +79,12 @@ class FakeQuantize(nn.Module):
         if not self.enabled:
             return x
         s = self.spec
+        scale = self.scale if min_scale is None else torch.maximum(self.scale, min_scale.to(self.scale.dtype))
         if self.learnable:
-            return fake_quant_lsq(x, self.scale, self.zero_point, s.qmin, s.qmax, s.axis, learn_zero_point=s.fake_quant == "lsq+")
+            return fake_quant_lsq(x, scale, self.zero_point, s.qmin, s.qmax, s.axis, learn_zero_point=s.fake_quant == "lsq+")
         if observed and x.dtype == torch.float32 and self._cannot_clip(*self.observer.batch_range):
-            return fake_quant_in_range(x, self.scale, s.axis)  # e.g. a weight, on the range just taken from it
-        return fake_quant(x, self.scale, self.zero_point, s.qmin, s.qmax, s.axis)
+            return fake_quant_in_range(x, scale, s.axis)  # e.g. a weight, on the range just taken from it (a larger scale clips less)
+        return fake_quant(x, scale, self.zero_point, s.qmin, s.qmax, s.axis)
 
     def _cannot_clip(self, lo: torch.Tensor, hi: torch.Tensor) -> bool:
         """Whether every element of a float32 batch with range [lo, hi] rounds into [qmin, qmax]. Exact:
@@ -89,10 +92,12 @@ class FakeQuantize(nn.Module):
         q = torch.round(torch.stack([lo.reshape(self.scale.shape), hi.reshape(self.scale.shape)]) / self.scale) + self.zero_point
         return torch.equal(q, q.clamp(self.spec.qmin, self.spec.qmax))
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, min_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (scale, zero_point) the forward uses, detached: a learned scale below SCALE_MIN (zero,
-        negative) counts as SCALE_MIN, a learned zero point is rounded and clamped into [qmin, qmax]."""
-        scale = self.scale.detach().clamp(min=SCALE_MIN)
+        negative) counts as SCALE_MIN, a learned zero point is rounded and clamped into [qmin, qmax];
+        `min_scale` as in forward."""
+        scale = self.scale.detach() if min_scale is None else torch.maximum(self.scale.detach(), min_scale)
+        scale = scale.clamp(min=SCALE_MIN)
         return scale, self.zero_point.detach().clamp(self.spec.qmin, self.spec.qmax).round()
 
     # the flags travel with the scales: a PTQ checkpoint loaded into a fresh quantize() result must not observe
@@ -133,7 +138,8 @@ class WeightedAct:
 
     def pre_activation(self, x):
         """The layer's output before its fused activation: conv / linear with fq(weight) plus the bias."""
-        return self._apply_weight(x, self.quant_weight(), self.quant_bias(self.bias))
+        floor = self.bias_scale_floor(self.bias)
+        return self._apply_weight(x, self.quant_weight(min_scale=floor), self.quant_bias(self.bias, min_scale=floor))
 
     @property
     def output_bias(self) -> nn.Parameter | None:
@@ -152,31 +158,70 @@ class WeightedAct:
         matter). Kept out of the module tree (it is another node's module), so not in the state_dict."""
         self.__dict__["input_fq"], self.__dict__["bias_spec"] = input_fq, bias_spec
 
-    def quant_bias(self, bias: torch.Tensor | None, weight_scale: torch.Tensor | None = None) -> torch.Tensor | None:
-        """bias on the s_x * s_w grid (STE gradient), when both fake-quants are on; else bias as it is."""
+    def quant_bias(self, bias: torch.Tensor | None, weight_scale: torch.Tensor | None = None,
+                   min_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """bias on the s_x * s_w grid (STE gradient), when both fake-quants are on; else bias as it is.
+        s_w is `weight_scale`, else the weight fake-quant's scale raised to `min_scale` (bias_scale_floor)."""
         input_fq, spec = self.__dict__.get("input_fq"), self.__dict__.get("bias_spec")
         if bias is None or spec is None or input_fq is None or self.weight_fq is None:
             return bias
         if not (input_fq.enabled and self.weight_fq.enabled and input_fq.calibrated):
             return bias
-        w_scale = self.weight_fq.qparams()[0] if weight_scale is None else weight_scale
+        w_scale = self.weight_fq.qparams(min_scale)[0] if weight_scale is None else weight_scale
         b_scale = input_fq.qparams()[0] * w_scale
         return fake_quant(bias, b_scale, torch.zeros_like(b_scale), spec.qmin, spec.qmax, 0 if b_scale.dim() else None)
 
-    def quant_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def bias_scale_floor(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The smallest weight scale per output channel at which `bias` fits its integer grid, or None
+        (no bias, a float bias, an input not calibrated yet).
+
+        The bias is stored as round(b / (s_x * s_w)) in [qmin_b, qmax_b] (int32). A channel with a real
+        bias and near-zero weights (a BatchNorm with gamma ~ 0 folded into a conv) has a tiny s_w, and its
+        bias would clip: its output would be wrong with no hint. So s_w is raised to at least
+            floor = |b| / (s_x * qmax_b) * (1 + 2**-10)
+        (the margin covers float32 rounding of s_x * s_w and of the division, ~1e-7 relative), which
+        costs that channel's weight precision, not its bias: ONNX Runtime's own quantizer does the same.
+        The fake-quant forward and `lowered` use the raised scale alike, so QAT trains what convert stores;
+        `raised_channels` lists the channels it changed (fxquant.report prints them)."""
+        input_fq, spec = self.__dict__.get("input_fq"), self.__dict__.get("bias_spec")
+        if bias is None or spec is None or input_fq is None or self.weight_fq is None or not input_fq.calibrated:
+            return None
+        s_x = input_fq.qparams()[0]
+        return bias.detach().abs() / (s_x * spec.qmax) * (1 + 2**-10)
+
+    def _note_raised(self, scale: torch.Tensor, floor: torch.Tensor | None) -> None:
+        """Remember which channels `floor` raised (a plain attribute: not in the state_dict)."""
+        raised = [] if floor is None else torch.nonzero(floor > scale.reshape(floor.shape)).flatten().tolist()
+        self.__dict__["bias_raised"] = raised
+
+    @property
+    def raised_channels(self) -> list[int]:
+        """Output channels whose weight scale was raised so the int32 bias fits (see bias_scale_floor),
+        as of the latest forward or convert."""
+        return list(self.__dict__.get("bias_raised", ()))
+
+    def quant_weight(self, weight: torch.Tensor | None = None, min_scale: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        return weight if self.weight_fq is None else self.weight_fq(weight)
+        if self.weight_fq is None:
+            return weight
+        out = self.weight_fq(weight, min_scale)
+        self._note_raised(self.weight_fq.scale.detach(), min_scale)
+        return out
 
     @torch.no_grad()
-    def lowered(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    def lowered(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, min_scale=None):
         """(w_int, w_scale, w_zero_point, float bias) that convert stores: `weight` (default: self.weight)
-        quantized with the qparams the forward's fake-quant uses (observed, frozen or learned)."""
+        quantized with the qparams the forward's fake-quant uses (observed, frozen or learned), its scale
+        raised where the bias needs it (bias_scale_floor of `bias`, or `min_scale` when given)."""
         weight = (self.weight if weight is None else weight).detach()
+        bias = self.bias if bias is None else bias
+        floor = self.bias_scale_floor(bias) if min_scale is None else min_scale
         self.weight_fq(weight)  # runs the observer exactly when the forward would
-        scale, zero_point = self.weight_fq.qparams()
+        self._note_raised(self.weight_fq.scale.detach(), floor)
+        scale, zero_point = self.weight_fq.qparams(floor)
         spec = self.weight_fq.spec
         w_int = quantize(weight, scale, zero_point, spec.qmin, spec.qmax, spec.axis, spec.dtype)
-        bias = self.bias if bias is None else bias
         return w_int, scale, zero_point, None if bias is None else bias.detach()
 
     @classmethod
@@ -197,8 +242,8 @@ class WeightedAct:
         return super().extra_repr() + f", act={self.act}"
 
 
-class ConvAct2d(WeightedAct, nn.Conv2d):
-    """act(conv2d(x, fq(weight), bias)): conv with folded BN and a fused activation."""
+class ConvAct(WeightedAct):
+    """act(convNd(x, fq(weight), bias)): conv with folded BN and a fused activation (1-, 2- or 3-D)."""
 
     channel_axis = 1
 
@@ -208,6 +253,26 @@ class ConvAct2d(WeightedAct, nn.Conv2d):
 
     def _apply_weight(self, x, w, b):
         return self._conv_forward(x, w, b)
+
+    @property
+    def conv_function(self):
+        """F.conv1d / F.conv2d / F.conv3d: what convert lowers this module to."""
+        return CONV_FUNCTIONS[self.weight.dim() - 2]
+
+
+CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvAct1d(ConvAct, nn.Conv1d):
+    """act(conv1d(x, fq(weight), bias))."""
+
+
+class ConvAct2d(ConvAct, nn.Conv2d):
+    """act(conv2d(x, fq(weight), bias)): conv with folded BN and a fused activation."""
+
+
+class ConvAct3d(ConvAct, nn.Conv3d):
+    """act(conv3d(x, fq(weight), bias))."""
 
 
 class LinearAct(WeightedAct, nn.Linear):
@@ -291,19 +356,23 @@ class BnFolded:
         batch_stats = self.training and not bool(self.bn_frozen)
         if not self.commutes:
             return self._forward_folded(x, *self._bn_factors(), batch_stats)
-        y = self._apply_weight(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
         if not batch_stats:
             k, b_fold = self._bn_factors()
-            b_fold = self.quant_bias(b_fold, self._folded_scale(k) if self.weight_fq is not None else None)
+            floor = self.bias_scale_floor(b_fold)
+            y = self._apply_weight(x, self.quant_weight(min_scale=self._unfolded_floor(k, floor)), None)
+            b_fold = self.quant_bias(b_fold, self._folded_scale(k, floor) if self.weight_fq is not None else None)
             return torch.addcmul(self._per_channel(b_fold), y, self._per_channel(k))
+        y = self._apply_weight(x, self.quant_weight(), None)  # conv(x, fq(w_fold)) / k
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
         return self.bn(y)
 
     def _forward_folded(self, x, k, b_fold, batch_stats: bool):
-        w_q = self.quant_weight(self.weight * self._per_row(k))
         if not batch_stats:
-            return self._apply_weight(x, w_q, self.quant_bias(b_fold))
+            floor = self.bias_scale_floor(b_fold)
+            w_q = self.quant_weight(self.weight * self._per_row(k), min_scale=floor)
+            return self._apply_weight(x, w_q, self.quant_bias(b_fold, min_scale=floor))
+        w_q = self.quant_weight(self.weight * self._per_row(k))
         y = self._apply_weight(x, w_q, None) / self._per_channel(torch.where(k == 0, 1.0, k))
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
@@ -315,13 +384,24 @@ class BnFolded:
         k, b_fold = self._bn_factors()
         if not self.commutes:
             return super().lowered(self.weight * self._per_row(k), b_fold)
-        w_int, scale, zero_point, _ = super().lowered()
+        floor = self.bias_scale_floor(b_fold)
+        w_int, scale, zero_point, _ = super().lowered(min_scale=self._unfolded_floor(k, floor))
         w_int = w_int * torch.sign(self._per_row(k)).to(w_int.dtype)
-        return w_int, self._folded_scale(k), zero_point, b_fold.detach()
+        return w_int, self._folded_scale(k, floor), zero_point, b_fold.detach()
 
-    def _folded_scale(self, k: torch.Tensor) -> torch.Tensor:
-        """The folded weight's scales |k| * s' (commuting case), as convert stores them."""
-        return (self.weight_fq.qparams()[0] * k.detach().abs()).clamp(min=SCALE_MIN)
+    @staticmethod
+    def _unfolded_floor(k: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor | None:
+        """The floor of the folded scale |k| * s' as a floor of s' (a channel with k = 0 has a zero folded
+        weight whatever s' is: no floor; `_folded_scale` gives it the floor itself)."""
+        if floor is None:
+            return None
+        k = k.detach().abs()
+        return torch.where(k > 0, floor / torch.where(k > 0, k, 1.0), 0.0)
+
+    def _folded_scale(self, k: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+        """The folded weight's scales |k| * s' (commuting case), as convert stores them, at least `floor`."""
+        scale = (self.weight_fq.qparams(self._unfolded_floor(k, floor))[0] * k.detach().abs()).clamp(min=SCALE_MIN)
+        return scale if floor is None else torch.maximum(scale, floor)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bn_frozen={bool(self.bn_frozen)}"
@@ -333,14 +413,41 @@ class ConvBnAct2d(BnFolded, ConvAct2d):
     match_as = ConvAct2d  # backend rows written for ConvAct2d claim it
 
 
+class ConvBnAct1d(BnFolded, ConvAct1d):
+    """QAT conv1d-BatchNorm1d(-act), see BnFolded."""
+
+    match_as = ConvAct1d
+
+
+class ConvBnAct3d(BnFolded, ConvAct3d):
+    """QAT conv3d-BatchNorm3d(-act), see BnFolded."""
+
+    match_as = ConvAct3d
+
+
 class LinearBnAct(BnFolded, LinearAct):
     """QAT linear-bn(-act) on (N, C) outputs (BatchNorm1d), see BnFolded."""
 
     match_as = LinearAct
 
 
-FUSED_CLASSES = {nn.Conv2d: ConvAct2d, nn.Linear: LinearAct}
-BN_FOLDED_CLASSES = {nn.Conv2d: ConvBnAct2d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
+class EmbeddingQ(WeightedAct, nn.Embedding):
+    """embedding(ids, fq(weight)): a weight-only int8 table (one scale per row), read by Gather; no bias, no act."""
+
+    channel_axis = -1
+
+    def __init__(self, *args, act: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fused(act)
+
+    bias = None
+
+    def _apply_weight(self, x, w, b):
+        return F.embedding(x, w, self.padding_idx)
+
+
+FUSED_CLASSES = {nn.Conv1d: ConvAct1d, nn.Conv2d: ConvAct2d, nn.Conv3d: ConvAct3d, nn.Linear: LinearAct, nn.Embedding: EmbeddingQ}
+BN_FOLDED_CLASSES = {nn.Conv1d: ConvBnAct1d, nn.Conv2d: ConvBnAct2d, nn.Conv3d: ConvBnAct3d, nn.Linear: LinearBnAct}  # qat=True: the layer keeps its BN training
 
 
 def fused_class(mod: nn.Module):

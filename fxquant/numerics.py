@@ -29,8 +29,14 @@ def along(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     return t.reshape(shape)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # quantized as their float32 values: x / s in float32, as ONNX Runtime does
+
+
 def quantize(x_fp32, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, dtype: str = "int32"):
-    """QuantizeLinear. Returns the integer tensor stored as `dtype` (torch.round is half-to-even)."""
+    """QuantizeLinear. Returns the integer tensor stored as `dtype` (torch.round is half-to-even).
+    A float16 / bfloat16 input is quantized as its float32 value (x / s in float16 would round twice)."""
+    if x_fp32.dtype in LOW_PRECISION:
+        x_fp32 = x_fp32.float()
     scale, zero_point = along(scale, x_fp32, axis), along(zero_point, x_fp32, axis)
     q = torch.round(x_fp32 / scale) + zero_point
     # float32 cannot hold the int32 bounds (2**31 - 1 rounds up to 2**31, which wraps on the cast): clamp in float64
@@ -83,6 +89,20 @@ class _FakeQuantSTE(torch.autograd.Function):
         return torch.where(inside, grad_out, 0.0), None, None, None, None, None
 
 
+def _in_float32(fn):
+    """`fn` on float32 for a float16 / bfloat16 input, the result cast back (autocast training): the grid is
+    the one `quantize` uses, so x / s is not rounded to 11 (or 8) bits first."""
+
+    def wrapped(x, *args, **kwargs):
+        if x.dtype in LOW_PRECISION:
+            return fn(x.float(), *args, **kwargs).to(x.dtype)
+        return fn(x, *args, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_in_float32
 def fake_quant(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None):
     """Float in, float out, on the quantization grid; differentiable with the STE."""
     return _FakeQuantSTE.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax, axis)
@@ -101,6 +121,7 @@ class _FakeQuantInRange(torch.autograd.Function):
         return grad_out, None, None
 
 
+@_in_float32
 def fake_quant_in_range(x, scale, axis: int | None = None):
     """fake_quant(x, scale, zero_point, qmin, qmax, axis) when no element of x rounds outside [qmin, qmax]
     (the caller knows x's range): the clamp is then a no-op, the zero point cancels, (q + zp - zp) * s,
@@ -151,6 +172,7 @@ class _FakeQuantLSQ(torch.autograd.Function):
         return torch.where(inside, grad_out, 0.0), grad_scale, grad_zp, None, None, None, None
 
 
+@_in_float32
 def fake_quant_lsq(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None, *, learn_zero_point: bool = False):
     """fake_quant with a learnable `scale` (and, with `learn_zero_point`, a learnable float `zero_point`)."""
     return _FakeQuantLSQ.apply(x, scale.to(x.dtype), zero_point.to(x.dtype), qmin, qmax, axis, learn_zero_point)

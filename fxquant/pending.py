@@ -53,11 +53,12 @@ class PendingQuantization(nn.Module):
         return self
 
     def __call__(self, *args, **kwargs):
-        if kwargs:
+        if kwargs and args:
             raise FxQuantError(f"the first call of a model from fxquant.quantize(model) takes its inputs positionally "
-                               f"(they become example_inputs); got keywords {sorted(kwargs)}")
-        self.materialize(args, recorded=one_row(args))
-        return self(*args)
+                               f"or all as keywords (they become example_inputs); got both, keywords {sorted(kwargs)}")
+        inputs = dict(kwargs) if kwargs else args
+        self.materialize(inputs, recorded=one_row(inputs))
+        return self(*args, **kwargs)
 
     def parameters(self, recurse: bool = True):
         raise not_run_yet("parameters()")

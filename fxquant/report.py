@@ -8,6 +8,12 @@
       ln_1           LayerNorm     row layer_norm
     no rule (float):
       cumsum         cumsum
+    weight scales raised so the int32 bias fits (those channels lose weight precision):
+      dw             channels [0]
+
+A channel whose bias cannot be stored on the int32 grid s_x * s_w (near-zero weights, a real bias: a
+dead BatchNorm channel folded in) gets a larger weight scale (fxquant.nn.WeightedAct.bias_scale_floor);
+`raised` lists them as of the latest forward (calibration) or convert.
 
 An op counts when it is a call that yields a float tensor (shape arithmetic does not) or a leaf and
 reads an activation: math on parameters alone (Swin V2's clamp(logit_scale).exp()) computes a
@@ -40,6 +46,7 @@ class Op:
 @dataclass(frozen=True)
 class Report:
     ops: tuple[Op, ...]
+    raised: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (layer, output channels whose weight scale the bias raised)
 
     def _where(self, test) -> tuple[Op, ...]:
         return tuple(o for o in self.ops if test(o))
@@ -78,6 +85,10 @@ class Report:
             if ops:
                 width = max(len(o.name) for o in ops)
                 lines += [f"{title}:"] + [f"  {o.name:<{width}}  {o.op:<20}  {why(o)}".rstrip() for o in ops]
+        if self.raised:
+            width = max(len(name) for name, _ in self.raised)
+            lines += ["weight scales raised so the int32 bias fits (those channels lose weight precision):"]
+            lines += [f"  {name:<{width}}  channels {list(channels)}" for name, channels in self.raised]
         return "\n".join(lines)
 
 
@@ -120,4 +131,15 @@ def report(gm: fx.GraphModule) -> Report:
         if _is_op(gm, node) and node not in constants:
             meta = node.meta[KEY]
             ops.append(Op(node.name, _op_name(gm, node), meta.rule, meta.kind, meta.leaf))
-    return Report(tuple(ops))
+    return Report(tuple(ops), _raised(gm))
+
+
+def _raised(gm: fx.GraphModule) -> tuple:
+    """(layer, channels) of each weighted layer whose weight scale its bias raised (fxquant.nn.WeightedAct)."""
+    from fxquant.nn import WeightedAct
+
+    found = []
+    for name, module in gm.named_modules():
+        if isinstance(module, WeightedAct) and module.raised_channels:
+            found.append((name, tuple(module.raised_channels)))
+    return tuple(found)

@@ -35,15 +35,21 @@ def all_to_meta(args):
 
 @contextlib.contextmanager
 def on_meta(module: nn.Module):
-    """`module` with its parameters and buffers swapped for meta tensors until the block ends."""
-    saved = [(m, m._parameters, m._buffers) for m in module.modules()]
+    """`module` with its parameters, buffers and plain tensor attributes (a detection head's cached anchor
+    grid, `self.grid = ...`) swapped for meta tensors until the block ends; the attributes are then put
+    back as they were, so a forward that re-caches one on the meta device leaves the module unchanged."""
+    saved = [(m, m._parameters, m._buffers, dict(m.__dict__)) for m in module.modules()]
     try:
-        for m, params, buffers in saved:
+        for m, params, buffers, attrs in saved:
             m._parameters = {k: _to_meta(v) for k, v in params.items()}
             m._buffers = {k: _to_meta(v) for k, v in buffers.items()}
+            m.__dict__.update({k: _to_meta(v) for k, v in attrs.items() if isinstance(v, torch.Tensor)})
         yield module
     finally:
-        for m, params, buffers in saved:
+        for m, params, buffers, attrs in saved:
+            for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor) and k not in attrs]:
+                del m.__dict__[k]  # a tensor attribute the meta call created
+            m.__dict__.update({k: v for k, v in attrs.items() if isinstance(v, torch.Tensor)})
             m._parameters, m._buffers = params, buffers
 
 

@@ -2,7 +2,7 @@
 
 torch.fx treats every torch.nn module as a leaf. For most (Conv2d, Linear) that is what a backend
 row wants; nn.MultiheadAttention, though, hides four Linear layers and two matmuls inside a forward
-full of control flow. `with_stand_ins` swaps each one for `TracedMultiheadAttention`, the same
+full of control flow. `fxquant.stand_ins.with_stand_ins` swaps each one for `TracedMultiheadAttention`, the same
 computation written in traceable ops, before tracing:
 
     q, k, v = q_proj(query), k_proj(key), v_proj(value)       # nn.Linear each; 1/sqrt(d) folded into q_proj
@@ -36,7 +36,6 @@ import torch
 from torch import nn
 from torchvision.models import swin_transformer
 
-from fxquant.meta import matches_names
 
 
 def is_wrapped(fn) -> bool:
@@ -49,7 +48,7 @@ class NotDecomposable(RuntimeError):
     """A stand-in was called with arguments it does not implement."""
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     layer.weight = nn.Parameter(weight.detach().clone(), weight.requires_grad)
     if bias is not None:
@@ -70,10 +69,10 @@ class TracedMultiheadAttention(nn.Module):
         biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
         scale = mha.head_dim**-0.5  # softmax(q k^T / sqrt(d)) = softmax((s q) k^T): s folded into q_proj
         with torch.no_grad():
-            self.q_proj = _linear(weights[0] * scale, None if biases[0] is None else biases[0] * scale)
-        self.k_proj = _linear(weights[1], biases[1])
-        self.v_proj = _linear(weights[2], biases[2])
-        self.out_proj = _linear(mha.out_proj.weight, mha.out_proj.bias)
+            self.q_proj = linear_from(weights[0] * scale, None if biases[0] is None else biases[0] * scale)
+        self.k_proj = linear_from(weights[1], biases[1])
+        self.v_proj = linear_from(weights[2], biases[2])
+        self.out_proj = linear_from(mha.out_proj.weight, mha.out_proj.bias)
         self.dropout = nn.Dropout(mha.dropout)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -200,9 +199,20 @@ class L2Normalize(FloatLeaf):
         return nn.functional.normalize(x, dim=-1)
 
 
+class ChannelScale(FloatLeaf):
+    """x * scale over the last dimension (passes/smooth_activations: SmoothQuant's 1 / s before a Linear)."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+
+    def forward(self, x):
+        return x * self.scale
+
+
 # what a backend row keeps float: the helpers above, and torchvision's Swin patch-merging pad, a function it
 # marks torch.fx.wrap (private to torchvision, named here once)
-FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, swin_transformer._patch_merging_pad)
+FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, ChannelScale, swin_transformer._patch_merging_pad)
 
 
 class TracedWindowAttention(nn.Module):
@@ -220,10 +230,10 @@ class TracedWindowAttention(nn.Module):
                 weight[:dim] *= (dim // self.num_heads) ** -0.5
                 if bias is not None:
                     bias[:dim] *= (dim // self.num_heads) ** -0.5
-        self.qkv = _linear(weight, bias)
+        self.qkv = linear_from(weight, bias)
         for mine, theirs in zip(self.qkv.parameters(), attn.qkv.parameters()):
             mine.requires_grad_(theirs.requires_grad)
-        self.proj = _linear(attn.proj.weight, attn.proj.bias)
+        self.proj = linear_from(attn.proj.weight, attn.proj.bias)
         self.partition = WindowPartition(attn.window_size, attn.shift_size)
         self.bias = WindowAttentionBias(attn, v2)
         self.merge = WindowMerge(attn.window_size, attn.shift_size)
@@ -249,42 +259,9 @@ class TracedWindowAttention(nn.Module):
         return self.merge(self.dropout(self.proj(out)), x)
 
 
-def _swin_attention(module: nn.Module) -> bool | None:
+def swin_attention(module: nn.Module) -> bool | None:
     """For torchvision's Swin attention: whether it is V2; None for any other module (torchvision not imported)."""
     swin = sys.modules.get("torchvision.models.swin_transformer")
     if swin is None:
         return None
     return {swin.ShiftedWindowAttention: False, swin.ShiftedWindowAttentionV2: True}.get(type(module))
-
-
-def stand_in(module: nn.Module) -> nn.Module | None:
-    """The traceable stand-in for `module`, or None when it has none (or a configuration it does not cover)."""
-    if type(module) is nn.MultiheadAttention and module.bias_k is None and not module.add_zero_attn:
-        return TracedMultiheadAttention(module)
-    v2 = _swin_attention(module)
-    if v2 is not None:
-        return TracedWindowAttention(module, v2)
-    return None
-
-
-def _replaced(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
-    """A shallow copy of `root` whose submodule `qualname` is `new`; `root` itself is left as it was."""
-    head, _, rest = qualname.partition(".")
-    root = copy.copy(root)
-    root._modules = dict(root._modules)
-    root._modules[head] = _replaced(root._modules[head], rest, new) if rest else new
-    return root
-
-
-def with_stand_ins(model: nn.Module, keep=()) -> nn.Module:
-    """`model` with every module that has a stand-in swapped for it, except those `keep` names (or types)."""
-    swapped = []
-    for qualname, module in list(model.named_modules()):
-        if not qualname or matches_names(qualname, module, keep) or any(qualname.startswith(s + ".") for s in swapped):
-            continue
-        new = stand_in(module)
-        if new is not None:
-            new.train(module.training)
-            model = _replaced(model, qualname, new)
-            swapped.append(qualname)
-    return model

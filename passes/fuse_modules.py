@@ -26,7 +26,12 @@ from torch import fx, nn
 from fxquant.meta import info, op_key, set_module
 from fxquant.nn import BN_FOLDED_CLASSES, fused_class
 
-BATCHNORMS = {nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+BATCHNORMS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+
+
+def _base(module: nn.Module) -> type:
+    """The torch.nn layer class a (fused) conv/linear module is: nn.Conv1d/2d/3d or nn.Linear."""
+    return next(base for base in BATCHNORMS if isinstance(module, base))
 ACTS = {
     nn.ReLU: "relu", F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", "relu": "relu", "relu_": "relu",
     nn.ReLU6: "relu6", F.relu6: "relu6",
@@ -56,7 +61,7 @@ def _fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
 def _is_bn_for(src: fx.Node, module: nn.Module, bn: nn.Module) -> bool:
     if getattr(module, "act", None) is not None:
         return False  # conv -> relu -> bn: the BN sees activated values, nothing to fold
-    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    base = _base(module)
     if base is nn.Linear and (info(src).shape is None or len(info(src).shape) != 2):
         return False  # linear on (N, L, C): BatchNorm1d normalizes axis 1, not the output features
     return type(bn) is BATCHNORMS[base] and bn.track_running_stats and bn.running_mean is not None
@@ -82,7 +87,7 @@ def fuse_modules(gm: fx.GraphModule, *, qat: bool = False) -> fx.GraphModule:
             continue
         src, module = found
         if qat:
-            bn_folded = BN_FOLDED_CLASSES[nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear]
+            bn_folded = BN_FOLDED_CLASSES[_base(module)]
             set_module(gm, src.target, bn_folded.from_layer_bn(module, gm.get_submodule(node.target)))
         else:
             _fold_bn(module, gm.get_submodule(node.target))

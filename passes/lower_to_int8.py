@@ -24,7 +24,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source
-from fxquant.nn import ConvAct2d, FakeQuantize, LinearAct, WeightedAct
+from fxquant.nn import ConvAct, EmbeddingQ, FakeQuantize, LinearAct, WeightedAct
 from fxquant.numerics import dequantize, quantize
 
 ACT_FUNCTIONS = {"relu": F.relu, "relu6": F.relu6}
@@ -53,10 +53,34 @@ def _check_calibrated(node: fx.Node, fq: FakeQuantize) -> None:
         )
 
 
-def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source: FakeQuantize | None) -> None:
+def _explicit_pad(b: _Builder, node: fx.Node, module: ConvAct, source_node: fx.Node | None) -> fx.Node:
+    """A conv with padding_mode reflect / replicate / circular pads its input itself (nn.Conv2d's
+    _conv_forward); lowered, that is an explicit F.pad before a conv with padding 0:
+        %conv1_pad = F.pad(%x_fq_dq, [l, r, t, b], mode)   -> a Pad (reflect/edge) or Slice+Concat (circular)
+        %conv1_pad_fq = quantize(%conv1_pad, <the input's qparams>);  %conv1_pad_fq_dq = dequantize(...)
+    The padded values are copies of input values, so they sit on the input's grid: the Q/DQ pair after the
+    pad is exact, and the conv reads DQ -> Conv as the runtime's integer conv wants."""
+    x = node.args[0]
+    pad = b.call(f"{node.name}_pad", F.pad, x, list(module._reversed_padding_repeated_twice), module.padding_mode)
+    if source_node is None:
+        return pad
+    source = b.gm.get_submodule(source_node.target)
+    spec = source.spec
+    scale, zp = (b.const(f"{source_node.name}_{what}", t) for what, t in zip(("scale", "zero_point"), source.qparams()))
+    q = b.call(f"{node.name}_pad_fq", quantize, pad, scale, zp, spec.qmin, spec.qmax, spec.axis, spec.dtype)
+    return b.call(f"{q.name}_dq", dequantize, q, scale, zp, spec.axis)
+
+
+def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source_node: fx.Node | None) -> None:
+    """The weighted module's call becomes conv2d / linear of int8 weight and int32 bias dequantized;
+    `source_node` is the fake-quant whose grid its input is on (None: a float input)."""
+    source = b.gm.get_submodule(source_node.target) if source_node is not None else None
     spec = module.weight_fq.spec
     w_int, w_scale, w_zp, float_bias = module.lowered()  # the forward's qparams; ConvBnAct2d: the BN folded in
     with b.graph.inserting_before(node):
+        x, padding = node.args[0], getattr(module, "padding", 0)
+        if isinstance(module, ConvAct) and module.padding_mode != "zeros":  # first: the bias scale reads the pad's s_x
+            x, padding = _explicit_pad(b, node, module, source_node), 0
         w_i8 = b.const(f"{node.name}_w_i8", w_int)
         w = b.call(f"{node.name}_w_dq", dequantize, w_i8, b.const(f"{node.name}_w_scale", w_scale),
                    b.const(f"{node.name}_w_zp", w_zp), spec.axis)
@@ -69,10 +93,10 @@ def _lower_weighted(b: _Builder, node: fx.Node, module: WeightedAct, source: Fak
                           b.const(f"{node.name}_b_scale", b_scale), b.const(f"{node.name}_b_zp", torch.zeros_like(b_scale)), 0)
         elif float_bias is not None:
             bias = b.const(f"{node.name}_bias", float_bias)
-        if isinstance(module, ConvAct2d):
-            if module.padding_mode != "zeros":
-                raise FxQuantError(f"convert: conv node '{node.name}' uses padding_mode={module.padding_mode!r}; only 'zeros' lowers")
-            fn, args = F.conv2d, (node.args[0], w, bias, module.stride, module.padding, module.dilation, module.groups)
+        if isinstance(module, EmbeddingQ):  # int8 table -> DequantizeLinear -> Gather
+            fn, args = F.embedding, (node.args[0], w)
+        elif isinstance(module, ConvAct):
+            fn, args = module.conv_function, (x, w, bias, module.stride, padding, module.dilation, module.groups)
         else:
             fn, args = F.linear, (node.args[0], w, bias)
         core = b.call(f"{node.name}_{fn.__name__}", fn, *args) if module.act else None
@@ -122,11 +146,11 @@ def lower_to_int8(gm: fx.GraphModule) -> fx.GraphModule:
     b = _Builder(gm)
     for node in nodes:
         module = modules.get(node)
-        if isinstance(module, (ConvAct2d, LinearAct)) and module.weight_fq is not None:
+        if isinstance(module, (ConvAct, LinearAct, EmbeddingQ)) and module.weight_fq is not None:
             source = sources[node.args[0]]
             if source is not None:
                 _check_calibrated(source, modules[source])
-            _lower_weighted(b, node, module, modules[source] if source is not None else None)
+            _lower_weighted(b, node, module, source)
     for node in nodes:
         module = modules.get(node)
         if isinstance(module, FakeQuantize):

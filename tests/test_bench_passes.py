@@ -64,7 +64,7 @@ def test_coverage_rows_in_json_and_markdown_and_a_failure_is_a_row(tmp_path):
 
 def test_timeout_is_a_row():
     class Args:
-        timeout, threads, torch_ao = 0.01, 1, False
+        timeout, threads, torch_ao, target = 0.01, 1, False, None  # what coverage's argparse gives
 
     row = coverage._in_subprocess("squeezenet1_1", 48, Args)
     assert row.error == "timed out after 0.01 s" and not row.passed

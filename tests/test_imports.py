@@ -106,7 +106,7 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
         pytest.skip("needs os.fork")
     script = textwrap.dedent("""
         import importlib, os, sys, traceback
-        import numpy, onnx, onnxruntime, torch, torchvision, networkx  # third-party only: no fxquant module yet
+        import numpy, onnx, onnxruntime, torch, torchvision, torchvision.models, networkx, ml_dtypes, tqdm.auto  # no fxquant yet
         assert not [m for m in sys.modules if m.split(".")[0] == "fxquant"]
         failed = []
         for name in sys.argv[1:]:

@@ -17,7 +17,8 @@ from torchvision.models import swin_transformer as st
 import fxquant
 from fxquant.passes import trace_model
 from conftest import assert_onnx_matches_int8
-from fxquant.traceable import FloatLeaf, TracedWindowAttention, stand_in
+from fxquant.stand_ins import stand_in
+from fxquant.traceable import FloatLeaf, TracedWindowAttention
 
 ATTENTION = {"v1": st.ShiftedWindowAttention, "v2": st.ShiftedWindowAttentionV2}
 

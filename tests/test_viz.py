@@ -269,7 +269,9 @@ def test_a_stage_that_fails_is_shown_with_its_error(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise FxQuantError("export_onnx: no converter for op 'frobnicate'")
 
-    monkeypatch.setattr(fxquant, "export_onnx", broken_export)
+    import fxquant.onnx
+
+    monkeypatch.setattr(fxquant.onnx, "export_onnx", broken_export)  # what fxquant.viz.build calls
     result = viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html")
     assert result.stages["int8"] > 0 and result.stages["onnx"] == -1 and "ort" not in result.stages
     assert "frobnicate" in result.errors["onnx"]
@@ -329,12 +331,13 @@ def test_write_atomic_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_page_data_cannot_close_its_script_tag():
-    data = {"title": "t</script><script>alert(1)</script>", "stages": [chain_stage(3, False)], "overlays": [], "notes": [],
+    data = {"title": "t</script><script>alert(1)</script>{{DATA}}", "stages": [chain_stage(3, False)], "overlays": [], "notes": [],
             "metadata": {}, "elk": "0.12.1"}
     data["stages"][0]["nodes"][1]["n"] = "</script><!--"
     page = render_page(data)
     body = page.split('id="fxviz-data">', 1)[1].split("</script>", 1)[0]
     assert json.loads(body.replace("<\\/", "</").replace("<\\!--", "<!--"))["stages"][0]["nodes"][1]["n"] == "</script><!--"
+    assert "<title>t&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;{{DATA}}</title>" in page
 
 
 def test_cli(tmp_path, capsys):
@@ -450,3 +453,32 @@ def test_sqnr_with_some_stages_still_matches_fused_layers(tmp_path, net_page):
     assert list(result.stages) == ["onnx"]
     values = page_data(tmp_path / "p.html")["overlays"][0]["values"]
     assert values["stem"] == pytest.approx(data["overlays"][0]["values"]["stem"], abs=1e-3)  # against the traced ReLU
+
+
+def test_fxquant_viz_is_callable_and_a_package(tmp_path):
+    import fxquant.viz.outputs  # noqa: F401 - the package's modules still import
+
+    result = fxquant.viz(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "p.html", stages=["traced"])
+    assert result.path == str(tmp_path / "p.html") and "viz" in fxquant.__all__
+
+
+def test_model_stages_with_the_default_config(tmp_path):
+    from fxquant.viz.build import model_stages
+
+    built = model_stages(Net().eval(), (torch.randn(1, 3, 8, 8),), stages=["traced"])
+    assert [s.id for s in built.stages] == ["traced"] and built.qmodel is not None
+
+
+def test_fxquant_compare_overlays_load_as_they_are(tmp_path):
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    qmodel = fxquant.quantize(model, (x,), calib_data=[x], progress=False)
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "net.onnx"
+    fxquant.export_onnx(int8, path, (x,))
+    overlays = fxquant.compare(model, qmodel, int8, str(path), x).overlays()
+    result = viz(model, x, tmp_path / "p.html", overlay=overlays, calib_data=[x])
+    assert result.overlays == [o["name"] for o in overlays] and len(overlays) >= 3
+    assert result.unknown == {}  # compare names layers the way the viewer's stages do
+    data = page_data(tmp_path / "p.html")
+    assert data["overlays"][0]["values"] and data["overlays"][0]["better"] == "higher"

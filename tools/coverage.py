@@ -234,16 +234,17 @@ def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None 
 def _in_subprocess(name: str, size: int, args) -> Row:
     cmd = [sys.executable, "-m", "fxquant.tools.coverage", "--one", name, "--size", str(size), "--threads", str(args.threads)]
     cmd += ["--torch-ao"] if args.torch_ao else []
-    cmd += ["--target", args.target] if args.target else []
+    target = getattr(args, "target", None)
+    cmd += ["--target", target] if target else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Row(name, size, args.target, error=f"timed out after {args.timeout} s")
+        return Row(name, size, getattr(args, "target", None), error=f"timed out after {args.timeout} s")
     for line in done.stdout.splitlines():
         if line.startswith(MARKER):
             return Row(**json.loads(line[len(MARKER):]))
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return Row(name, size, args.target, error=f"process exited with {done.returncode}: {tail[:300]}")
+    return Row(name, size, getattr(args, "target", None), error=f"process exited with {done.returncode}: {tail[:300]}")
 
 
 def all_models() -> list[str]:

@@ -49,7 +49,8 @@ from torch import nn
 from torchvision.ops.stochastic_depth import stochastic_depth
 
 from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by
-from fxquant.nn import ConvAct2d, LinearAct
+from fxquant.meta import op_key
+from fxquant.nn import ConvAct1d, ConvAct2d, ConvAct3d, LinearAct
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
 from fxquant.traceable import FLOAT_HELPERS
 
@@ -68,11 +69,14 @@ TARGETS = (
 RELU = (nn.ReLU, F.relu, torch.relu, torch.relu_, "relu", "relu_")
 ADD = (operator.add, torch.add, "add")
 MUL = (operator.mul, torch.mul, "mul")
+DIV = (operator.truediv, torch.div, "div")
 SIGMOID = (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 SOFTMAX = (nn.Softmax, F.softmax, torch.softmax, "softmax")
 LAYER_NORM = (nn.LayerNorm, F.layer_norm)
-BATCH_NORM = (nn.BatchNorm2d, nn.BatchNorm1d)
+BATCH_NORM = (nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm3d)
+CONV = (ConvAct2d, nn.Conv2d, ConvAct1d, nn.Conv1d, ConvAct3d, nn.Conv3d)  # QLinearConv is N-dimensional
+CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORMS = LAYER_NORM + BATCH_NORM  # float rows below: ORT has no integer kernel
 RESHAPE = (torch.flatten, nn.Flatten, "flatten", "view", "reshape", nn.Dropout, nn.Identity)
 TRANSPOSE = (torch.permute, "permute", torch.transpose, "transpose")
@@ -111,8 +115,32 @@ def _residual_stream(module, node) -> bool:
     return read_only_by(node, NORMS + ADD, through=MOVES)
 
 
+def _into_residual_stream(module, node) -> bool:
+    """A linear whose output only residual adds (see _residual_stream) read, through dropout / reshapes: a
+    transformer block's last projection (attention output, FFN output). Its output stays float: the int8 GEMM
+    runs as MatMulIntegerToFloat and adds into the float stream, with no Q/DQ on a value nothing integer reads.
+    On trained BERTs these outputs carry the outlier channels (|x| ~ 100 in a few of 384; all-MiniLM-L6-v2's FFN
+    output: scale 0.78, embedding cosine 0.95 vs float with a Q/DQ there, 0.99 without: tools/bench_hf)."""
+    gm, todo, adds = node.graph.owning_module, [node], []
+    while todo:
+        for user in todo.pop().users:
+            key = op_key(gm, user)
+            if key in MOVES:
+                todo.append(user)
+            elif key in ADD:
+                adds.append(user)
+            else:
+                return False
+    return bool(adds) and all(_residual_stream(None, add) for add in adds)
+
+
 RULES = (
-    Rule("conv", ((ConvAct2d, nn.Conv2d),), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
+    Rule("conv", (CONV,), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
+    # ORT 1.32's CPU QDQ rules fuse DQ -> Conv -> Q only (ConvQDQRules registers "Conv"); a ConvTranspose
+    # between Q/DQ would run float anyway, so it stays float by this row
+    Rule("conv_transpose", (CONV_TRANSPOSE,), FLOAT, onnx=("ConvTranspose",)),
+    Rule("linear_to_residual", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, output=False, check=_into_residual_stream,
+         onnx=("Gemm", "MatMul"), pair_sums=True),  # y = x @ w.T + b, float out, into the residual stream
     Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),  # y = act(x @ w.T + b)
     Rule("residual_add", (ADD,), FLOAT, check=_residual_stream),  # stays float: see _residual_stream
     Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = relu(a + b): QLinearAdd, relu folded
@@ -138,11 +166,17 @@ RULES = (
          onnx_chain=("Mul", "Softmax")),  # (q @ k^T) * d ** -0.5
     Rule("attention_scores_scaled_bias", (MATMUL, MUL, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
          onnx_chain=("Mul", "Add", "Softmax")),
+    Rule("attention_scores_div", (MATMUL, DIV, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Div", "Softmax")),  # (q @ k^T) / sqrt(d) (HF 4.x BERT)
+    Rule("attention_scores_div_bias", (MATMUL, DIV, ADD, SOFTMAX), QUANTIZE, inputs=(0, 1), onnx=("MatMul",),
+         onnx_chain=("Div", "Add", "Softmax")),  # ... + additive mask (finfo.min where padding): float inside the row
     Rule("matmul", (MATMUL,), QUANTIZE, inputs=(0, 1), onnx=("MatMul",)),  # y = a @ b (attention): QLinearMatMul
     Rule("avgpool", ((nn.AvgPool2d, F.avg_pool2d),), QUANTIZE, onnx=("AveragePool",)),  # QLinearAveragePool
     Rule("movement", (MOVEMENT,), SHARE),  # moves or picks values: the input's grid
     Rule("zero_pad", ((F.pad, nn.ZeroPad2d, nn.ConstantPad2d),), SHARE, check=_pads_zero),  # 0 is on every grid
     Rule("upsample_nearest", ((F.interpolate, nn.Upsample),), SHARE, check=_nearest),  # copies input values
+    Rule("embedding", ((nn.Embedding,),), QUANTIZE, inputs=(), weight=True, output=False),  # int8 table, one scale
+    # per row -> DequantizeLinear -> Gather: a weight-only lookup, its float rows go on as they are
     Rule("layer_norm", (LAYER_NORM,), FLOAT, onnx=("LayerNormalization",)),
     Rule("batchnorm", (BATCH_NORM,), FLOAT, onnx=("BatchNormalization",)),  # one fuse could not fold
     Rule("float_activations", ((nn.GELU, F.gelu, nn.Hardswish, F.hardswish, nn.Hardsigmoid, F.hardsigmoid, nn.Tanh,

@@ -29,6 +29,8 @@ def _softmax(e, node):
         dim = e.module(node).dim
     else:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dim is None:  # F.softmax(x) without dim: torch's implicit choice (its _get_softmax_dim)
+        dim = 0 if e.rank(node.args[0]) in (0, 1, 3) else 1
     return e.op(node, "Softmax", [e.arg(node.args[0])], axis=dim)
 
 

@@ -38,7 +38,7 @@ class Emitter:
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.names: dict[fx.Node, object] = {}  # fx node -> Value or a Python constant
         self.opset = 17  # the integer types Q/DQ may use depend on it
-        self.needs_values: set = set()  # leaves that could not run on shapes alone
+        self.needs_values: dict = {}  # leaves that could not run on shapes alone -> why
         self.batch_values: set = set()  # nodes whose Python value (a size) follows the batch
         self.batch_dependent: set = set()  # nodes computed from the model's inputs (dynamic batch only)
 
@@ -63,9 +63,11 @@ class Emitter:
         return out
 
     def arg(self, a):
-        """An FX argument as Value / Python constant (recursing into lists and tuples)."""
+        """An FX argument as Value / Python constant (recursing into lists, tuples and dicts)."""
         if isinstance(a, fx.Node):
             return self.names[a]
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
         return a

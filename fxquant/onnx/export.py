@@ -81,9 +81,13 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _float_nodes(gm: fx.GraphModule) -> list[str]:
-    """The traced ops no backend row claimed (the user's exclude=, or ops the table keeps float)."""
+    """The traced ops no backend row claimed (the user's exclude=, or ops the table keeps float), and weight-only
+    rows (an int8 embedding table: its lookup reads no quantized activation and gives a float one)."""
+    def weight_only(meta) -> bool:
+        return meta.kind == "quantize" and meta.weight is not None and not meta.inputs and meta.output is None
+
     return [n.name for n in gm.graph.nodes if n.op.startswith("call_") and n.target not in (quantize, dequantize)
-            and KEY in n.meta and (n.meta[KEY].rule is None or n.meta[KEY].kind == "float")]
+            and KEY in n.meta and (n.meta[KEY].rule is None or n.meta[KEY].kind == "float" or weight_only(n.meta[KEY]))]
 
 
 def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynamic_batch: bool = True, simplify: bool = False,

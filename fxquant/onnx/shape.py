@@ -21,7 +21,7 @@ from fxquant.errors import FxQuantError
 from fxquant.onnx.emitter import Value, call_arg
 
 
-def _flatten(e, node, start_dim=1, end_dim=-1):
+def _flatten(e, node, start_dim=0, end_dim=-1):  # torch.flatten / x.flatten start at 0 (nn.Flatten passes its 1)
     rank = len(e.tensor_of(node.args[0]).shape)
     start, end = start_dim % rank, end_dim % rank
     if start == 1 and end == rank - 1:
@@ -143,10 +143,25 @@ def _pad_amounts(pad, rank: int) -> list[int]:
     return begins + ends
 
 
+def _wrap(e, node, x, pad):
+    """Circular padding as one Gather per padded dimension: along
+    dim d of size n, the indices [n - begin, ..., n - 1, 0, ..., n - 1, 0, ..., end - 1]."""
+    value, shape = e.arg(x), e.tensor_of(x).shape
+    for i in range(len(pad) // 2):
+        begin, end, d = pad[2 * i], pad[2 * i + 1], len(shape) - 1 - i
+        if begin or end:
+            n = shape[d]
+            index = [j % n for j in range(-begin, n + end)]
+            value = e.op(node, "Gather", [value, e.int64(node, index, f"index{d}")], f"wrap{d}", axis=d)
+    return e.op(node, "Identity", [value])
+
+
 def _pad(e, node, x, pad, mode="constant", value=None):
-    modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+    modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
     if mode not in modes:
         raise FxQuantError(f"export_onnx: node '{node.name}' pads with mode={mode!r}; exported: {sorted(modes)}")
+    if mode == "circular":  # Gathers: exact at every opset (Pad's "wrap" needs opset 19)
+        return _wrap(e, node, x, list(pad))
     inputs = [e.arg(x), e.int64(node, _pad_amounts(list(pad), e.rank(x)), "pads")]
     if mode == "constant":
         inputs.append(e.const(node, np.array(value or 0.0, dtype=np.float32), "value"))

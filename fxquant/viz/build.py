@@ -85,11 +85,12 @@ def model_stages(model: nn.Module, example_inputs: tuple, *, config=None, calib_
     snapshots; the fake-quant model itself is fxquant.quantize's, so it is exactly what a user gets.
     """
     from fxquant.api import convert, prepare_passes, quantize
+    from fxquant.config import QuantConfig
     from fxquant.onnx import export_onnx
     from fxquant.pipeline import pass_name, run_passes
 
     wanted = set(stages) if stages else None
-    config = config or fxquant.QuantConfig()
+    config = config or QuantConfig()
     built = Built(stages=[], example_inputs=example_inputs)
     keep = (lambda sid: wanted is None or sid in wanted)
     passes = prepare_passes(config, example_inputs=example_inputs)

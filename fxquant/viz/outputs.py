@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -54,15 +55,14 @@ def render_page(data: dict) -> str:
     """The page: template.html with the CSS, elkjs, the data (JSON) and viewer.js inlined. Nothing is fetched."""
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
     payload = payload.replace("</", "<\\/").replace("<!--", "<\\!--")  # cannot close the <script> it sits in
-    page = _static("template.html")
-    title = _html_escape(data.get("title", "fxquant viz"))
-    for key, value in (("{{TITLE}}", title), ("/*{{CSS}}*/", _static("viewer.css")), ("/*{{ELK}}*/", _static("elk.bundled.js")),
-                       ("/*{{APP}}*/", _static("viewer.js")), ("{{DATA}}", payload)):
-        head, sep, tail = page.partition(key)
-        if not sep:
-            raise RuntimeError(f"template.html lacks {key}")
-        page = head + value + tail
-    return page
+    values = {"{{TITLE}}": _html_escape(data.get("title", "fxquant viz")), "/*{{CSS}}*/": _static("viewer.css"),
+              "/*{{ELK}}*/": _static("elk.bundled.js"), "/*{{APP}}*/": _static("viewer.js"), "{{DATA}}": payload}
+    template = _static("template.html")
+    missing = [k for k in values if k not in template]
+    if missing:
+        raise RuntimeError(f"template.html lacks {missing}")
+    # one pass over the template: a value that happens to contain a marker is never substituted again
+    return re.sub("|".join(re.escape(k) for k in values), lambda m: values[m.group(0)], template)
 
 
 def _html_escape(text: str) -> str:
