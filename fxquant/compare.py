@@ -41,7 +41,8 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.nn import FakeQuantize
 from fxquant.numerics import along, dequantize, quantize
-from fxquant.sensitivity import format_table, only, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
+from fxquant.report_files import format_table, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
+from fxquant.sensitivity import only
 
 ONE_STEP = 1 + 1e-4  # the float rounding of (q - zp) * scale itself (as fxquant.check.agreement)
 

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from fxquant.errors import FxQuantError
-from fxquant.sensitivity import Batch, all_fqs, as_batches, evaluate, format_table, mean_kl, only, outputs_of, prepare, units
+from fxquant.report_files import format_table
+from fxquant.sensitivity import Batch, all_fqs, as_batches, evaluate, mean_kl, only, outputs_of, prepare, units
 
 FLOAT = 32  # the width a float layer counts as in the model size
 

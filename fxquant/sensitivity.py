@@ -32,9 +32,7 @@ quantized (metric drop, loss increase, and KL(float outputs || those outputs)), 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -44,6 +42,7 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, qparams_source
 from fxquant.nn import FakeQuantize
+from fxquant.report_files import format_table, json_number, pyplot, save_figure, sqnr_db, viewer_overlay, write_report
 
 # ---------------------------------------------------------------- data and metric
 
@@ -227,13 +226,6 @@ class only:
 # ---------------------------------------------------------------- local / accumulated error and the gradient score
 
 
-def sqnr_db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise) in dB; inf when the noise is 0."""
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
-
-
 class _Recorder(fx.Interpreter):
     """Runs the graph and keeps each layer node's output; with `local`, also the node's output recomputed from
     the same (float) inputs with only its own fake-quants on."""
@@ -382,7 +374,7 @@ class SensitivityReport:
             "w_bits": self.w_bits, "a_bits": self.a_bits,
             "float_metric": self.float_metric, "quantized_metric": self.quantized_metric, "float_loss": self.float_loss,
             "spearman": self.spearman, "rest_fqs": list(self.rest_fqs), "options": self.options,
-            "layers": [{k: _json_number(v) if isinstance(v, float) else v for k, v in asdict(r).items()} for r in self.ranked()],
+            "layers": [{k: json_number(v) if isinstance(v, float) else v for k, v in asdict(r).items()} for r in self.ranked()],
             "overlays": self.overlays(),
         }
 
@@ -398,59 +390,6 @@ class SensitivityReport:
     def save(self, stem: str) -> list[str]:
         """Write STEM.json, one STEM.<metric>.json per overlay, STEM.png and STEM.svg; returns the paths."""
         return write_report(self.to_json(), self.overlays(), stem) + plot_sensitivity(self, stem)
-
-
-def viewer_overlay(name: str, better: str, pairs) -> dict:
-    """An overlay in the graph viewer's format from (node, value) pairs: NaN left out, +-inf drawn at +-200
-    (an error-free layer's SQNR), as fxquant viz does with its own SQNR."""
-    values = {}
-    for node, v in pairs:
-        v = float(v)
-        if not math.isnan(v):
-            values[node] = max(-200.0, min(200.0, v))
-    return {"name": name, "better": better, "values": values}
-
-
-def write_report(doc: dict, overlays: list[dict], stem: str) -> list[str]:
-    """STEM.json (the whole report) and STEM.<overlay name>.json per overlay; returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    files = [(stem + ".json", doc)] + [(f"{stem}.{o['name']}.json", o) for o in overlays if o["values"]]
-    for path, content in files:
-        with open(path, "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-    return [path for path, _ in files]
-
-
-def _json_number(v: float):
-    """JSON has no inf: an error-free layer's SQNR is written as null."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def format_table(cols, rows) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cols), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(line, rows)])
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, stem: str) -> list[str]:
-    """STEM.png (120 dpi) and STEM.svg; closes the figure."""
-    fig.tight_layout()
-    paths = [stem + ".png", stem + ".svg"]
-    for p in paths:
-        fig.savefig(p, dpi=120)
-    pyplot().close(fig)
-    return paths
 
 
 def plot_sensitivity(rep: SensitivityReport, stem: str) -> list[str]:

@@ -36,7 +36,7 @@ import torch
 import fxquant
 from fxquant.demo import BATCH, DigitNet, LR, batches, load_digits, train
 from fxquant.mixed_precision import leave_k_float, weight_bits
-from fxquant.sensitivity import format_table
+from fxquant.report_files import format_table
 
 CALIB_BATCHES = 8
 OBSERVER = "mse"
