@@ -215,11 +215,6 @@ def _backend_by_name(name: str, reduce_range: bool, target: str | None = None) -
     return load_backend(name, reduce_range=reduce_range, target=target)
 
 
-def targets(name: str) -> tuple[Target, ...]:
-    """The deployment targets of backend `name`, the default first."""
-    return importlib.import_module(f"fxquant.backends.{name}").TARGETS
-
-
 def load_backend(name, *, reduce_range: bool = False, target: str | None = None) -> Backend:
     """The backend `name` (a Backend passes through), checked once; `reduce_range` needs REDUCED_WEIGHT_BITS;
     `target` names one of the table's TARGETS (None: its first, the default)."""
