@@ -139,7 +139,6 @@ class EmulatedRuntime:
     def run(self, path, feeds: dict, *, threads: int = 1, level: str = "extended") -> dict:
         """{output name: array} of the file at `path` on `feeds` ({input name: array})."""
         import json
-        import os
 
         if self.process.poll() is not None:
             raise FxQuantError(f"cpu={self.cpu!r}: the emulated ONNX Runtime process has stopped; start a new one")

@@ -90,9 +90,11 @@ class Target:
         """The largest |w| a pair_sums row may store when it reads `activation` (None: no limit). The
         activation's whole storage span counts (qmax - qmin): a kernel multiplies raw codes, and an
         int8 activation is shifted to uint8 before a u8 x s8 kernel."""
-        if self.pair_sum_max is None:
-            return None
-        return self.pair_sum_max // (2 * (activation.qmax - activation.qmin))
+        return self.max_weight_for_span(activation.qmax - activation.qmin)
+
+    def max_weight_for_span(self, span: int) -> int | None:
+        """The largest |w| with 2 * span * |w| <= pair_sum_max, for activation codes spanning `span` (None: no limit)."""
+        return None if self.pair_sum_max is None else self.pair_sum_max // (2 * span)
 
     def safe_weight(self, weight: QuantSpec, activation: QuantSpec) -> QuantSpec:
         """`weight` narrowed, a bit at a time, until max|w| <= max_weight(activation); unchanged if it fits."""

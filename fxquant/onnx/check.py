@@ -222,9 +222,9 @@ def _check_pair_sums(g: _Graph, backend: Backend, rule: Rule, node) -> list[str]
         return []
     span = CODE_SPAN.get(g.qparams(x_dq)[1].dtype, 15)
     peak = int(np.abs(w.astype(np.int64)).max())
-    if 2 * span * peak <= backend.target.pair_sum_max:
+    limit = backend.target.max_weight_for_span(span)
+    if peak <= limit:
         return []
-    limit = backend.target.pair_sum_max // (2 * span)
     return [f"integer GEMM weights reach +-{peak}: two products of {span}-code activations sum to up to {2 * span * peak}, "
             f"past the {backend.target.pair_sum_max} of a 16-bit pair sum (vpmaddubsw on x86 CPUs without VNNI), which "
             f"saturates; target {backend.target.name!r} allows +-{limit}. Re-export with target='portable' (the default), "
