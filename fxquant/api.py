@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import fx, nn
 
-from fxquant.backends import BACKEND_META
+from fxquant.backends import BACKEND_META, SENTINEL
 from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
 from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, by_name, first_batch, forward_arity, one_row
@@ -201,9 +201,6 @@ def nothing_to_quantize(qmodel: fx.GraphModule) -> FxQuantError:
 def input_names(gm: fx.GraphModule) -> list[str]:
     """The graph's inputs (placeholders) by name, in order."""
     return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-SENTINEL = 1e6  # |x| at or above this in an activation's range: a mask's stand-in for -inf, not a value to quantize
 
 
 def _refuse_sentinels(qmodel: fx.GraphModule) -> None:

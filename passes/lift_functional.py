@@ -10,6 +10,7 @@ after:   %conv2d      = call_module[target=conv.conv2d](%x)    # nn.Conv2d shari
     F.linear (input, weight, bias=None)               -> nn.Linear
     F.batch_norm (input, running_mean, running_var, weight, bias, training, momentum, eps)
                                                      -> nn.BatchNorm1d / 2d / 3d by the input's rank
+    torch.addmm (bias, input, weight (in, out))      -> nn.Linear (weight: a transposed view)
 
 so the later passes treat them as the modules they are: fuse_modules folds a (functional) batch norm
 into the conv before it, including a model library's BatchNorm-with-activation module that calls
@@ -139,7 +140,20 @@ def _batch_norm(gm, node):
     return bn, args["running_mean"]
 
 
-LIFTS = {**dict.fromkeys(CONVS, _conv), F.linear: _linear, F.batch_norm: _batch_norm}
+def _addmm(gm, node):
+    """torch.addmm(bias, x, w) = x @ w + bias with w stored (in, out): GPT-2's Conv1D as HFTracer traces it."""
+    args = _bound(node, ("bias", "input", "weight"), {})
+    if args is None or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    w, b = _tensor_attr(gm, args["weight"]), _tensor_attr(gm, args["bias"])
+    if w is None or b is None or w.dim() != 2 or b.shape != (w.shape[1],):
+        return None
+    linear = nn.Linear(w.shape[0], w.shape[1])
+    linear.weight, linear.bias = _as_parameter(w.t()), _as_parameter(b)  # a view of w: the owner's storage
+    return linear, args["weight"]
+
+
+LIFTS = {**dict.fromkeys(CONVS, _conv), F.linear: _linear, F.batch_norm: _batch_norm, torch.addmm: _addmm}
 
 
 def _child_name(gm: fx.GraphModule, owner: str, base: str) -> str:
@@ -160,7 +174,7 @@ def lift_functional(gm: fx.GraphModule) -> fx.GraphModule:
         owner = weight.target.rpartition(".")[0]
         qualname = _child_name(gm, owner, node.target.__name__)
         gm.get_submodule(owner).add_module(qualname.rpartition(".")[2], module) if owner else gm.add_module(qualname, module)
-        x = node.args[0] if node.args else node.kwargs["input"]
+        x = node.args[1] if node.target is torch.addmm else node.args[0] if node.args else node.kwargs["input"]
         reads = node.all_input_nodes
         node.op, node.target, node.args, node.kwargs = "call_module", qualname, (x,), {}
         for a in reads:

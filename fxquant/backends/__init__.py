@@ -140,6 +140,16 @@ def exposed_to_pair_sums(rule: Rule, groups: int, in_channels: int, out_channels
 
 # row checks shared by tables: `(module_or_None, node) -> bool`
 
+SENTINEL = 1e6  # |x| at or above this: a mask's stand-in for -inf (finfo.min, -1e9), never a value to quantize
+
+
+def sentinel_operand(module, node) -> bool:
+    """An op with a constant operand of |c| >= SENTINEL: an additive mask's arithmetic, e.g. HF 4.x BERT's
+    `(1.0 - attention_mask) * torch.finfo(dtype).min`. Its output is 0 or the sentinel; quantized, its scale
+    would round every other value to zero, so the row that matches it keeps it float."""
+    return any(isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) >= SENTINEL
+               for a in (*node.args, *node.kwargs.values()))
+
 
 def global_pool(module, node) -> bool:
     """adaptive_avg_pool2d to 1x1: a mean over H, W (GlobalAveragePool)."""

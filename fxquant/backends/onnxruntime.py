@@ -48,7 +48,8 @@ from torch import nn
 
 from torchvision.ops.stochastic_depth import stochastic_depth
 
-from fxquant.backends import FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by
+from fxquant.backends import (FLOAT, QUANTIZE, SHARE, SHARE_INPUTS, Rule, Target, global_pool, inference_identity, read_only_by,
+                              sentinel_operand)
 from fxquant.meta import op_key
 from fxquant.nn import ConvAct1d, ConvAct2d, ConvAct3d, LinearAct
 from fxquant.specs import BIAS_SPEC, activation_spec, weight_spec
@@ -142,6 +143,7 @@ RULES = (
     Rule("linear_to_residual", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, output=False, check=_into_residual_stream,
          onnx=("Gemm", "MatMul"), pair_sums=True),  # y = x @ w.T + b, float out, into the residual stream
     Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),  # y = act(x @ w.T + b)
+    Rule("mask_arithmetic", (ADD + MUL,), FLOAT, check=sentinel_operand),  # (1 - m) * finfo.min: an additive mask
     Rule("residual_add", (ADD,), FLOAT, check=_residual_stream),  # stays float: see _residual_stream
     Rule("add_relu", (ADD, RELU), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = relu(a + b): QLinearAdd, relu folded
     Rule("add", (ADD,), QUANTIZE, inputs=(0, 1), onnx=("Add",)),  # y = a + b: QLinearAdd

@@ -42,7 +42,12 @@ def _binary(op_type, e, node):
     a, b = node.args[:2]
     if node.kwargs.get("alpha", 1) != 1:
         raise FxQuantError(f"export_onnx: node '{node.name}' uses alpha={node.kwargs['alpha']}; only alpha=1 exports")
-    kind = np.float32 if isinstance(e.tensor_of(node), torch.Tensor) else np.int64  # int64: sizes that follow the batch
+    if op_type == "Add" and isinstance(e.tensor_of(node), tuple):  # x.size()[:-2] + (d,): shapes concatenate
+        return e.op(node, "Concat", [e.whole_shape(node, a), e.whole_shape(node, b)], axis=0)
+    value = e.tensor_of(node)
+    kind = np.int64  # sizes that follow the batch; an integer tensor's constant takes its dtype (RoBERTa's position ids)
+    if isinstance(value, torch.Tensor):
+        kind = np.float32 if value.is_floating_point() else torch.empty(0, dtype=value.dtype).numpy().dtype.type
     ins = [e.arg(x) if isinstance(x, fx.Node) else e.const(node, kind(x), f"const{i}") for i, x in enumerate((a, b))]
     return e.op(node, op_type, ins)
 

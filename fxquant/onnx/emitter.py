@@ -63,9 +63,11 @@ class Emitter:
         return out
 
     def arg(self, a):
-        """An FX argument as Value / Python constant (recursing into lists, tuples and dicts)."""
+        """An FX argument as Value / Python constant (recursing into lists, tuples, dicts and slices)."""
         if isinstance(a, fx.Node):
             return self.names[a]
+        if isinstance(a, slice):  # x[:, :n] with n = x.size(1) (HFTracer): a constant unless it follows the batch
+            return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
         if isinstance(a, dict):
             return {k: self.arg(v) for k, v in a.items()}
         if isinstance(a, (list, tuple)):
@@ -89,6 +91,11 @@ class Emitter:
             else:
                 parts.append(self.const(node, np.array([d], dtype=np.int64), f"dim{i}"))
         return self.op(node, "Concat", parts, "shape", axis=0)
+
+    def whole_shape(self, node: fx.Node, a) -> Value:
+        """A shape argument (x.size() that follows the batch, a tuple of ints and sizes) as a 1-D int64 Value."""
+        value = self.arg(a)
+        return value if isinstance(value, Value) else self.shape_vector(node, list(value))
 
     def outputs(self, node: fx.Node, op_type: str, inputs, n: int, **attrs) -> list[Value]:
         """Emit one ONNX node with `n` outputs, named `<node>/0` ... `<node>/<n-1>`."""

@@ -41,6 +41,8 @@ def _flatten_module(e, node):
 
 def _reshape(e, node):
     dims = node.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], fx.Node) and isinstance(e.tensor_of(dims[0]), tuple):  # view(x.size()[:-2] + (d,))
+        return e.op(node, "Reshape", [e.arg(node.args[0]), e.whole_shape(node, dims[0])])
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = dims[0]
     return e.op(node, "Reshape", [e.arg(node.args[0]), e.shape_vector(node, list(e.arg(d) for d in dims), reshape=True)])
@@ -186,6 +188,11 @@ def _getitem(e, node):
         return _getitem_tensor(e, node, seq, index)
     if isinstance(index, int):  # an element of a shape that follows the batch (x.shape[0])
         return e.op(node, "Gather", [value, e.const(node, np.array(index, dtype=np.int64), "index")], axis=0)
+    parsed = _index(index, len(e.tensor_of(seq)))
+    if parsed is not None:  # x.size()[:-2]: a part of a shape that follows the batch
+        start, end, step, _ = parsed
+        return e.op(node, "Slice", [value, e.int64(node, [start], "starts"), e.int64(node, [end], "ends"),
+                                    e.int64(node, [0], "axes"), e.int64(node, [step], "steps")])
     raise FxQuantError(f"export_onnx: node '{node.name}' indexes a shape with {index!r} ({node.format_node()}); not exported")
 
 
@@ -207,7 +214,7 @@ def _getitem_tensor(e, node, x, index):
     """x[...] with ints, slices, None and Ellipsis: one Slice, then Squeeze / Unsqueeze; x[tensor]: Gather."""
     if isinstance(index, fx.Node):
         return e.op(node, "Gather", [e.arg(x), e.arg(index)], axis=0)
-    index = index if isinstance(index, tuple) else (index,)
+    index = e.arg(index if isinstance(index, tuple) else (index,))  # sizes in slices: their constant values
     shape = e.tensor_of(x).shape
     given = sum(i is not None and i is not Ellipsis for i in index)
     full = []
