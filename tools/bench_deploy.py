@@ -19,10 +19,13 @@ calibration batches:
 and measured on the CPU execution provider:
     fused      Conv/Gemm/MatMul nodes that became integer kernels (QLinearConv, QGemm, QLinearMatMul,
                MatMulInteger...) in ONNX Runtime's optimised graph (level ENABLE_EXTENDED)
-    latency    ENABLE_ALL sessions, the variants run interleaved (one run of each per round), each
-               reported as the median over rounds of its time divided by float's time in that round;
-               "fxquant faster than X" needs fxquant to win so many of the paired rounds that two
-               equally fast files would do so with probability < 0.05 (a one-sided sign test)
+    latency    ENABLE_ALL sessions, the variants run interleaved (one run of each per round, each round
+               starting one variant later), each reported as the median over rounds of its time divided
+               by float's time in that round; "fxquant faster than X" needs fxquant to win so many of
+               the paired rounds that two equally fast files would do so with probability < 0.05 (a
+               one-sided sign test); "portable no slower than vnni" fails only where vnni wins with
+               p < 0.05 / rows (Bonferroni: with six rows of identical kernels, an uncorrected 0.05 on
+               each would cry "slower" in one run of four)
     ops        the optimised graph's op types and counts, per variant (in the JSON; the report says
                where fxquant's and ORT U8S8's are the same)
     size       file bytes, as a fraction of the float file
@@ -158,8 +161,10 @@ def latencies(paths: dict[str, str], x: np.ndarray, *, rounds: int, threads: int
     for v, s in sessions.items():  # warm-up: allocations, kernel selection
         s.run(None, feeds[v])
     times = {v: [] for v in sessions}
-    for _ in range(rounds):
-        for v, s in sessions.items():
+    order = list(sessions)
+    for i in range(rounds):  # each round starts one variant later, so no file always runs right after another
+        for v in order[i % len(order):] + order[:i % len(order)]:
+            s = sessions[v]
             start = time.perf_counter()
             s.run(None, feeds[v])
             times[v].append(time.perf_counter() - start)
@@ -213,8 +218,9 @@ def targets(results: list[Result], isa: str | None = None) -> dict[str, bool | N
     return {
         "portable file: same optimised op counts as the 8-bit vnni file (every model)":
             all(r.ops.get("fxquant") == r.ops.get("fxquant_vnni") for r in results),
-        f"portable file no slower than the 8-bit vnni file (every row: vnni wins the paired rounds with p >= {SIGNIFICANCE})":
-            None if None in p_vnni else all(p >= SIGNIFICANCE for p in p_vnni),
+        f"portable file no slower than the 8-bit vnni file (no row where vnni wins the paired rounds with p < "
+        f"{SIGNIFICANCE} / rows, Bonferroni)":
+            None if None in p_vnni else all(p >= SIGNIFICANCE / len(p_vnni) for p in p_vnni),
         f"int8 <= {TARGET_SPEEDUP_AVX2}x float latency on a CPU without VNNI (resnet18, batch 1)":
             r18[0].ratio["fxquant"] <= TARGET_SPEEDUP_AVX2 if r18 and without_vnni else None,
         "100% of Conv/Gemm/MatMul fused (fxquant, every model)": all(r.fused["fxquant"] == 1.0 for r in results),
