@@ -16,6 +16,8 @@ calibration batches:
                default target "portable": 7-bit weights on the integer GEMMs, exact on every x86 CPU)
     fxquant_vnni  the same with target="vnni": 8-bit weights everywhere (exact only on VNNI CPUs); the
                portable file must match its optimised op counts and be no slower
+    fxquant_copy  a byte-identical copy of the fxquant file, timed as one more variant: the A/A control,
+               the spread that noise alone gives two files of the same kernels
 and measured on the CPU execution provider:
     fused      Conv/Gemm/MatMul nodes that became integer kernels (QLinearConv, QGemm, QLinearMatMul,
                MatMulInteger...) in ONNX Runtime's optimised graph (level ENABLE_EXTENDED)
@@ -40,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -53,7 +56,7 @@ import torch
 from fxquant.tools.zoo import random_model
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
-VARIANTS = ("float", "ort_default", "ort_u8s8", "fxquant", "fxquant_vnni")
+VARIANTS = ("float", "ort_default", "ort_u8s8", "fxquant", "fxquant_vnni", "fxquant_copy")
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger",
                "DynamicQuantizeMatMul"}
 FLOAT_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
@@ -102,7 +105,7 @@ def _ort_quantize(float_path: str, out_path: str, calib, *, recommended: bool) -
 
 
 def build_files(name: str, size: int, folder: str) -> dict[str, str]:
-    """The four ONNX files of one model, by variant."""
+    """The ONNX files of one model, by variant (VARIANTS)."""
     import fxquant
     from fxquant.api import copy_model
     from fxquant.passes import fuse_modules, trace_model
@@ -119,6 +122,7 @@ def build_files(name: str, size: int, folder: str) -> dict[str, str]:
     for variant, target in (("fxquant", None), ("fxquant_vnni", "vnni")):
         qmodel = fxquant.quantize(model, example, calib_data=calib, target=target, progress=False)
         fxquant.export_onnx(qmodel, paths[variant], example)
+    shutil.copyfile(paths["fxquant"], paths["fxquant_copy"])  # the A/A control: what noise alone makes of one file
     return paths
 
 
@@ -198,12 +202,12 @@ def _pct(v) -> str:
 
 def markdown(results: list[Result]) -> str:
     head = ("| model | batch | fused fxquant | fused ORT default | fused ORT u8s8 | float ms | fxquant x float "
-            "| fxquant 8-bit (vnni) x float | ORT default x float | ORT u8s8 x float | fxquant size x float | ORT u8s8 size x float |")
+            "| fxquant 8-bit (vnni) x float | same fxquant file again x float (A/A) | ORT default x float | ORT u8s8 x float | fxquant size x float | ORT u8s8 size x float |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         lines.append(
             f"| {r.model} | {r.batch} | {_pct(r.fused['fxquant'])} | {_pct(r.fused['ort_default'])} | {_pct(r.fused['ort_u8s8'])} "
-            f"| {r.latency_ms['float']:.1f} | {r.ratio['fxquant']:.2f} | {r.ratio['fxquant_vnni']:.2f} "
+            f"| {r.latency_ms['float']:.1f} | {r.ratio['fxquant']:.2f} | {r.ratio['fxquant_vnni']:.2f} | {r.ratio['fxquant_copy']:.2f} "
             f"| {r.ratio['ort_default']:.2f} | {r.ratio['ort_u8s8']:.2f} "
             f"| {r.file_ratio['fxquant']:.3f} | {r.file_ratio['ort_u8s8']:.3f} |"
         )
