@@ -202,9 +202,33 @@ def test_block_output_projections_feed_the_float_residual_stream():
     for i in range(model.config.num_hidden_layers):
         for name in (f"encoder.layer.{i}.attention.output.dense", f"encoder.layer.{i}.output.dense"):
             assert rules[name] == "linear_to_residual"
-        for name in (f"encoder.layer.{i}.attention.self.query", f"encoder.layer.{i}.intermediate.dense"):
-            assert rules[name] == "linear"  # read by a matmul / a GELU: output quantized as before
+        assert rules[f"encoder.layer.{i}.attention.self.query"] == "linear"  # read by a matmul: output quantized
+        assert rules[f"encoder.layer.{i}.intermediate.dense"] == "linear_to_float"  # read by the GELU only
     modules = dict(qmodel.named_modules())
     for n in qmodel.graph.nodes:
-        if n.op == "call_module" and rules.get(n.target) == "linear_to_residual":
+        if n.op == "call_module" and rules.get(n.target) in ("linear_to_residual", "linear_to_float"):
             assert not any(isinstance(modules.get(u.target), FakeQuantize) for u in n.users)
+
+
+def test_ffn_input_layer_and_gelu_fuse_in_onnx_runtime(tmp_path):
+    """The FFN's first Linear keeps its output float (linear_to_float): ONNX Runtime runs it as MatMulIntegerToFloat
+    and fuses its bias Add with the GELU into BiasGelu, with no Q/DQ pair between them; the file matches."""
+    import onnx
+    import onnxruntime as ort
+
+    from fxquant.check import layerwise
+
+    model, inputs = _build("bert")
+    int8 = fxquant.convert(fxquant.quantize(model, inputs, calib_data=[inputs], progress=False))
+    path, optimized = tmp_path / "bert.onnx", tmp_path / "optimized.onnx"
+    fxquant.export_onnx(int8, path, opset=20)  # opset 20: one Gelu op
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(optimized).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    gelus = [n for n in graph.node if n.op_type in ("Gelu", "BiasGelu")]
+    assert [n.op_type for n in gelus] == ["BiasGelu"] * model.config.num_hidden_layers
+    assert all(producer[n.input[0]].op_type == "MatMulIntegerToFloat" for n in gelus)
+    found = layerwise(int8, path, tuple(inputs.values()))
+    assert found.max_steps <= 1, f"'{found.worst}' is {found.max_steps} steps from the reference"

@@ -12,7 +12,10 @@ quantize_static (QDQ, calibrated on the same batches). Columns: cosine of each s
 float's (mean, min); neighbours kept (the fraction of sentences whose nearest other sentence is the one
 float finds); paraphrase top-1 (the nearest other sentence is its pair); ORT latency at batch 1 and 16
 (median time of interleaved runs, and in brackets the median over rounds of time / float's time); file size
-over float's.
+over float's. Each round runs every file once, starting one file later than the round before (no file always
+runs right after another). Below the table, fxquant against quantize_dynamic as a paired sign test over the
+rounds (fxquant.tools.bench_deploy.sign_test): the rounds each file won and the one-sided p of each direction;
+"faster" / "slower" when that p < SIGNIFICANCE, else "no difference shown".
 """
 
 from __future__ import annotations
@@ -115,20 +118,66 @@ def ort_files(float_path: str, calib: list[dict], folder: str) -> dict:
     return {"ORT quantize_dynamic": dynamic, "ORT quantize_static": static}
 
 
-def latency(sessions: dict, inputs: dict, batch: int, runs: int) -> tuple[dict, dict]:
-    """(median seconds per call, median over rounds of each file's time / float's in that round) at `batch`: the
-    files run interleaved, one call each per round, so a busy machine slows every file of a round alike."""
+def latency(sessions: dict, inputs: dict, batch: int, runs: int) -> tuple[dict, dict, dict]:
+    """(median seconds per call, median over rounds of each file's time / float's in that round, the times) at
+    `batch`: the files run interleaved, one call each per round, so a busy machine slows every file of a round
+    alike; each round starts one file later than the one before."""
     part = {k: v[:batch] for k, v in inputs.items()}
     times = {name: [] for name in sessions}
     for name, sess in sessions.items():
         run(sess, part)  # warm up
-    for _ in range(runs):
-        for name, sess in sessions.items():
+    order = list(sessions)
+    for i in range(runs):
+        for name in order[i % len(order):] + order[:i % len(order)]:
             start = time.perf_counter()
-            run(sess, part)
+            run(sessions[name], part)
             times[name].append(time.perf_counter() - start)
     ratios = {name: statistics.median(a / f for a, f in zip(t, times["float"])) for name, t in times.items()}
-    return {name: statistics.median(t) for name, t in times.items()}, ratios
+    return {name: statistics.median(t) for name, t in times.items()}, ratios, times
+
+
+def paired_verdict(ours: list[float], theirs: list[float]) -> dict:
+    """Two files' times from the same rounds: the rounds each won, the sign test's one-sided p that a tie wins
+    that many (None: too few rounds to reach SIGNIFICANCE), and "faster", "slower" or "no difference shown"."""
+    from fxquant.tools.bench_deploy import SIGNIFICANCE, sign_test
+
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError(f"paired_verdict: {len(ours)} and {len(theirs)} rounds; expected the same number, > 0")
+    wins, losses = sum(a < b for a, b in zip(ours, theirs)), sum(a > b for a, b in zip(ours, theirs))
+    p_faster, p_slower = sign_test(wins, len(ours)), sign_test(losses, len(ours))
+    verdict = ("faster" if p_faster is not None and p_faster < SIGNIFICANCE else
+               "slower" if p_slower is not None and p_slower < SIGNIFICANCE else "no difference shown")
+    return dict(rounds=len(ours), wins=wins, losses=losses, p_faster=p_faster, p_slower=p_slower, verdict=verdict)
+
+
+def op_profile(path: str, inputs: dict, *, batch: int, runs: int, threads: int) -> dict[str, tuple[float, int]]:
+    """ONNX Runtime's profiler on the file at `batch`: {op type: (share of the kernel time, nodes per run)} after
+    graph optimization (the fused ops ORT runs), over `runs` calls after one warm-up. Shares are robust to a
+    busy machine's load, absolute times are not."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(os.path.dirname(path), "profile")
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    part = {k: v[:batch] for k, v in inputs.items()}
+    for _ in range(runs + 1):
+        run(sess, part)
+    with open(sess.end_profiling()) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    spent, nodes = {}, {}
+    for e in events:
+        op = e["args"]["op_name"]
+        spent[op], nodes[op] = spent.get(op, 0) + e["dur"], nodes.get(op, 0) + 1
+    total = sum(spent.values())
+    return {op: (spent[op] / total, round(nodes[op] / (runs + 1))) for op in sorted(spent, key=spent.get, reverse=True)}
+
+
+def _p(p: float | None) -> str:
+    return "n/a (too few rounds)" if p is None else f"{p:.3g}"
 
 
 def cpu_flags() -> str:
@@ -146,6 +195,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--calib-batch", type=int, default=16)
     parser.add_argument("--only-fxquant", action="store_true", help="accuracy of the fxquant file alone (no ORT quantizers, no latency)")
+    parser.add_argument("--profile", action="store_true", help="also ORT's profile per op type at batch 16 (fxquant, quantize_dynamic)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -168,12 +218,16 @@ def main(argv=None) -> list[dict]:
             files.update(ort_files(files["float"], calib, folder))
         sessions = {name: session(path, args.threads) for name, path in files.items()}
         emb = {name: pooled(run(sess, inputs), mask) for name, sess in sessions.items()}
+        verdicts = {}
         if args.only_fxquant:
             lat1 = lat16 = ratio1 = ratio16 = {name: float("nan") for name in sessions}
         else:
-            lat1, ratio1 = latency(sessions, inputs, 1, args.runs)
-            lat16, ratio16 = latency(sessions, inputs, 16, max(args.runs // 2, 5))
+            lat1, ratio1, times1 = latency(sessions, inputs, 1, args.runs)
+            lat16, ratio16, times16 = latency(sessions, inputs, 16, max(args.runs // 2, 5))
+            verdicts = {batch: paired_verdict(t["fxquant"], t["ORT quantize_dynamic"]) for batch, t in ((1, times1), (16, times16))}
         sizes = {name: os.path.getsize(path) for name, path in files.items()}
+        profiles = {name: op_profile(files[name], inputs, batch=16, runs=10, threads=args.threads)
+                    for name in ("fxquant", "ORT quantize_dynamic") if args.profile and name in files}
 
     ref_nn, pair_of = nearest(emb["float"]), np.arange(len(eval_sentences)) ^ 1
     rows = []
@@ -191,6 +245,14 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         print(f"| {r['model']} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['neighbours']:.3f} | {r['paraphrase_top1']:.3f} | "
               f"{r['b1_ms']:.2f} ({r['b1']:.2f}) | {r['b16_ms']:.1f} ({r['b16']:.2f}) | {r['mb']:.1f} ({r['size']:.2f}) |")
+    for batch, v in verdicts.items():
+        print(f"batch {batch}, fxquant against ORT quantize_dynamic: {v['verdict']}; faster in {v['wins']} of {v['rounds']} paired "
+              f"rounds, slower in {v['losses']} (sign test, one-sided: p = {_p(v['p_faster'])} that a tie wins as many, "
+              f"p = {_p(v['p_slower'])} that it loses as many)")
+        rows[[r["model"] for r in rows].index("fxquant")][f"b{batch}_vs_dynamic"] = v
+    for name, shares in profiles.items():
+        print(f"ONNX Runtime profile, {name}, batch 16: " + ", ".join(f"{op} {100 * share:.1f}% ({n})" for op, (share, n) in shares.items()
+                                                                    if share >= 0.001))
     return rows
 
 

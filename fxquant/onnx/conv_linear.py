@@ -46,8 +46,9 @@ def _stored(e, node: fx.Node):
 
 def _float_bias(e, node, b) -> Value | None:
     """An int32 bias (dequantize of a stored b_i32) as the float constant it dequantizes to (the oracle's float32
-    product, what the DequantizeLinear would compute), for a linear that exports as MatMul + Add: ORT fuses an Add of
-    a constant into MatMulIntegerToFloat's bias, and a DequantizeLinear of an initializer would run at every call."""
+    product, what the DequantizeLinear would compute), for a linear that exports as MatMul + Add: a DequantizeLinear
+    of an initializer would run at every call. (ORT 1.32's QDQ rules make DQ -> MatMul a MatMulIntegerToFloat and
+    leave this Add beside it, a float Add per call: tools/bench_hf --profile.)"""
     if not (isinstance(b, fx.Node) and b.target is dequantize and all(isinstance(a, fx.Node) and a.op == "get_attr"
                                                                      for a in b.args[:3])):
         return None
