@@ -149,7 +149,8 @@ def _addmm(gm, node):
     if w is None or b is None or w.dim() != 2 or b.shape != (w.shape[1],):
         return None
     linear = nn.Linear(w.shape[0], w.shape[1])
-    linear.weight, linear.bias = _as_parameter(w.t()), _as_parameter(b)  # a view of w: the owner's storage
+    # a transposed view of w (the owner's storage, so QAT's updates reach it), trainable when w is
+    linear.weight, linear.bias = nn.Parameter(w.detach().t(), requires_grad=w.requires_grad), _as_parameter(b)
     return linear, args["weight"]
 
 
