@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: nothing installed after it may pull another torch build.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv system demo test clean viz-deps
+.PHONY: venv system demo test clean viz-deps arm-root
 
 # transformers 4.x apart from the venv's 5.x (tests/test_hf_tracer.py runs it with PYTHONPATH=.venv/hf4): HFTracer
 # (transformers.utils.fx) is gone in 5. Only what must differ from the venv's packages, no deps (never a torch/numpy);
@@ -16,7 +16,7 @@ HF4_STAMP := $(VENV)/hf4/.installed-$(shell echo '$(HF4_PINS)' | cksum | cut -d'
 
 venv: $(VENV)/.installed $(HF4_STAMP)
 
-# system packages the tests need: qemu-user runs ONNX Runtime as other CPUs (AVX2, SSE4). CI runs as root.
+# system packages the tests need: qemu-user runs ONNX Runtime as other CPUs (AVX2, SSE4, Arm). CI runs as root.
 system:
 	@command -v qemu-x86_64 >/dev/null || { apt-get update && apt-get install -y --no-install-recommends qemu-user; }
 
@@ -34,8 +34,12 @@ $(HF4_STAMP): | $(VENV)/.installed
 demo: venv
 	$(BIN)/fxquant demo
 
-test: venv system viz-deps
+test: venv system viz-deps arm-root
 	$(BIN)/python -m pytest -n 2 tests
+
+# an Arm64 Python with numpy and onnxruntime, which qemu-aarch64 runs as Arm CPUs (fxquant.check.CPUS)
+arm-root: venv system
+	@test -f $(VENV)/aarch64/.ready || $(BIN)/python -m fxquant.tools.aarch64_root $(VENV)/aarch64
 
 # the viewer's tests drive Debian's chromium (Playwright, never a downloaded browser) and Graphviz's dot
 viz-deps:

@@ -93,7 +93,7 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
     depthwise convs included). `target` names where the file will run (the backend's TARGETS; None: its
     first). onnxruntime's "portable" (the default) is exact on every x86 CPU and ARM: the weights of the
     integer GEMMs (conv but depthwise, linear) are 7-bit, so the u8 x s8 pair sums of CPUs without VNNI
-    cannot saturate; "vnni" keeps 8-bit weights for CPUs with AVX-VNNI / AVX512-VNNI or ARM dot product
+    cannot saturate; "vnni" keeps 8-bit weights for CPUs with AVX-VNNI / AVX512-VNNI, or Arm
     (see fxquant.backends.onnxruntime). The backend and its target are recorded in
     `qmodel.meta["fxquant_backend"]`, where export_onnx finds them to check the file and to stamp it.
 

@@ -1,5 +1,6 @@
 """Compare the deployed ONNX file with the reference int8 graph, in quantization steps, on this CPU or
-on another one emulated by qemu-user (`cpu="haswell"`, `cpu="nehalem"`): `run_file`, `layerwise`."""
+on another one emulated by qemu-user (`cpu="haswell"`, `"nehalem"`, `"cortex-a72"`, `"neoverse-n1"`:
+CPUS): `run_file`, `layerwise`."""
 
 from __future__ import annotations
 
@@ -66,30 +67,71 @@ def agreement(reference, other, step: float) -> Agreement:
 
 # ------------------------------------------------------------------ other CPUs, emulated
 
-# ONNX Runtime picks its integer kernels by CPUID at run time, so a file's numbers depend on the CPU that
-# runs it. qemu-user (Debian package qemu-user) runs a program as another x86-64 CPU model and ORT reads
-# the emulated CPUID: its numerics are those of that CPU, bit for bit (its speed is not). Only models
-# whose instructions qemu's TCG implements are listed (it has no AVX-512).
+# ONNX Runtime picks its integer kernels by the CPU's feature bits at run time, so a file's numbers depend on
+# the CPU that runs it. qemu-user (Debian package qemu-user) runs a program as another CPU model and ORT
+# reads the emulated CPUID (x86-64) or HWCAP (aarch64): its numerics are those of that CPU, bit for bit (its
+# speed is not). Only models whose instructions qemu 7's TCG implements are listed (no AVX-512, no SVE2).
+@dataclass(frozen=True)
+class EmulatedCpu:
+    machine: str  # "x86_64" or "aarch64": which qemu-user program runs it
+    model: str  # qemu's -cpu name
+    doc: str
+
+
 CPUS = {
-    "haswell": ("Haswell", "AVX2 without VNNI (AMD Zen 2/3, Intel before Cascade Lake): u8 x s8 pairs summed in int16"),
-    "nehalem": ("Nehalem", "SSE4.2, no AVX: MLAS's SSE kernels"),
+    "haswell": EmulatedCpu("x86_64", "Haswell", "AVX2 without VNNI (AMD Zen 2/3, Intel before Cascade Lake): u8 x s8 pairs summed in int16"),
+    "nehalem": EmulatedCpu("x86_64", "Nehalem", "SSE4.2, no AVX: MLAS's SSE kernels"),
+    "cortex-a72": EmulatedCpu("aarch64", "cortex-a72", "Armv8.0-A NEON without dot product (AWS Graviton 1, Raspberry Pi 4)"),
+    "neoverse-n1": EmulatedCpu("aarch64", "neoverse-n1", "Armv8.2-A with dot product, UDOT/SDOT (AWS Graviton 2, Ampere Altra)"),
 }
-QEMU = "qemu-x86_64"
 EMULATED_TIMEOUT_S = 900.0  # one run under emulation; a hung worker is killed and the call raises
+
+
+def aarch64_root() -> str:
+    """Where the Arm64 Python, numpy and onnxruntime that Arm CPUs are emulated with live: $FXQUANT_AARCH64_ROOT,
+    else `aarch64` in this Python's environment (sys.prefix); `python -m fxquant.tools.aarch64_root` builds it."""
+    import sys
+
+    return os.environ.get("FXQUANT_AARCH64_ROOT") or os.path.join(sys.prefix, "aarch64")
+
+
+def _command(cpu: str) -> list[str]:
+    """The qemu-user command line that starts a Python for `cpu` (FxQuantError saying what to install if it cannot)."""
+    import platform
+    import shutil
+    import sys
+
+    emulated_cpu = CPUS[cpu]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise FxQuantError(f"cpu={cpu!r}: emulating other CPUs needs an x86-64 host (this is {platform.machine()})")
+    qemu = shutil.which(f"qemu-{emulated_cpu.machine}")
+    if qemu is None:
+        raise FxQuantError(f"cpu={cpu!r} runs ONNX Runtime under qemu-{emulated_cpu.machine}, which is not installed: "
+                           "install the qemu-user package (apt-get install qemu-user), or pass cpu=None")
+    if emulated_cpu.machine == "x86_64":
+        return [qemu, "-cpu", emulated_cpu.model, sys.executable]
+    root = aarch64_root()
+    python = os.path.join(root, "usr", "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    if not os.path.exists(os.path.join(root, ".ready")) or not os.path.exists(python):
+        raise FxQuantError(f"cpu={cpu!r} runs ONNX Runtime in an Arm64 Python under qemu-aarch64, and {root} holds none: "
+                           "build it with `python -m fxquant.tools.aarch64_root` (Debian/Ubuntu, ~60 MB; `make test` does), "
+                           "or point FXQUANT_AARCH64_ROOT at one")
+    return [qemu, "-cpu", emulated_cpu.model, "-L", root, "-E", f"PYTHONPATH={os.path.join(root, 'site')}", python]
 
 
 def host_isa() -> str:
     """The integer-kernel ISA of this CPU, as ONNX Runtime's MLAS dispatch sees it: "AVX-512 VNNI",
-    "AVX-VNNI", "AVX-512 (no VNNI)", "AVX2 (no VNNI)", "SSE4", or the machine name off x86-64."""
+    "AVX-VNNI", "AVX-512 (no VNNI)", "AVX2 (no VNNI)", "SSE4", "Arm NEON + dot product", "Arm NEON", or the
+    machine name elsewhere."""
     import platform
 
     from fxquant import ort_worker
 
-    return ort_worker._isa() if platform.machine() in ("x86_64", "AMD64") else platform.machine()
+    return ort_worker._isa() if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64") else platform.machine()
 
 
 class EmulatedRuntime:
-    """ONNX Runtime in a long-lived process under `qemu-x86_64 -cpu MODEL` (fxquant/ort_worker.py).
+    """ONNX Runtime in a long-lived process under `qemu-x86_64|qemu-aarch64 -cpu MODEL` (fxquant/ort_worker.py).
 
     Starting Python with onnxruntime under emulation takes seconds, so one process serves every run
     for its CPU (`emulated(cpu)` keeps one per CPU for the life of this process). Arrays travel
@@ -97,26 +139,19 @@ class EmulatedRuntime:
     """
 
     def __init__(self, cpu: str, timeout: float = EMULATED_TIMEOUT_S):
-        import platform
-        import shutil
         import subprocess
-        import sys
         import tempfile
 
         if cpu not in CPUS:
             raise FxQuantError(f"cpu={cpu!r}: expected None (this CPU) or one of {sorted(CPUS)}: "
-                               + "; ".join(f"{k}: {v[1]}" for k, v in CPUS.items()))
-        if platform.machine() not in ("x86_64", "AMD64"):
-            raise FxQuantError(f"cpu={cpu!r}: emulating an x86-64 CPU model needs an x86-64 host (this is {platform.machine()})")
-        qemu = shutil.which(QEMU)
-        if qemu is None:
-            raise FxQuantError(f"cpu={cpu!r} runs ONNX Runtime under {QEMU}, which is not installed: "
-                               "install the qemu-user package (apt-get install qemu-user), or pass cpu=None")
+                               + "; ".join(f"{k}: {v.doc}" for k, v in CPUS.items()))
+        command = _command(cpu)
         from fxquant import ort_worker
 
         self.cpu, self.timeout, self.folder = cpu, timeout, tempfile.mkdtemp(prefix=f"fxquant-{cpu}-")
+        self.qemu = os.path.basename(command[0])
         source = open(ort_worker.__file__).read()
-        self.process = subprocess.Popen([qemu, "-cpu", CPUS[cpu][0], sys.executable, "-c", source], cwd=self.folder,
+        self.process = subprocess.Popen(command + ["-c", source], cwd=self.folder,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.isa = self._reply("start")["isa"]
         self.count = 0
@@ -130,10 +165,10 @@ class EmulatedRuntime:
         if not line:
             self.close()
             why = f"no answer in {self.timeout:.0f} s" if not ready else f"it exited with {self.process.poll()}"
-            raise FxQuantError(f"cpu={self.cpu!r}: ONNX Runtime under {QEMU} failed during {what}: {why}")
+            raise FxQuantError(f"cpu={self.cpu!r}: ONNX Runtime under {self.qemu} failed during {what}: {why}")
         reply = json.loads(line)
         if not reply["ok"]:
-            raise FxQuantError(f"cpu={self.cpu!r}: ONNX Runtime under {QEMU} failed on {what}: {reply['error']}")
+            raise FxQuantError(f"cpu={self.cpu!r}: ONNX Runtime under {self.qemu} failed on {what}: {reply['error']}")
         return reply
 
     def run(self, path, feeds: dict, *, threads: int = 1, level: str = "extended") -> dict:

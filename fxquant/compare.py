@@ -23,7 +23,8 @@ differently: `first_divergent`.
 
 The float values come from `model` traced as `quantize` traces it (same node names, BatchNorm folded, every
 fake-quant off), so a QAT model is compared with the float model it started from. `cpu=` runs ONNX Runtime
-as that CPU under qemu-user (fxquant.check.CPUS: "haswell", AVX2 without VNNI; "nehalem", SSE4).
+as that CPU under qemu-user (fxquant.check.CPUS: "haswell", AVX2 without VNNI; "nehalem", SSE4; "cortex-a72"
+and "neoverse-n1", Arm without and with dot product).
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def compare(model: nn.Module, qmodel: fx.GraphModule, int8: fx.GraphModule, onnx
     model: the float nn.Module; qmodel: its fake-quant GraphModule (calibrated or trained); int8: convert(qmodel);
     onnx_path: export_onnx(int8 or qmodel, onnx_path, ...), or None to leave ONNX Runtime out; inputs: one batch,
     a tensor (N, ...) or a tuple of tensors; cpu: None (this machine) or a name of fxquant.check.CPUS ("haswell",
-    "nehalem"; case ignored), run under qemu-user. reference: "model" (the float values are `model`'s) or "own"
+    "nehalem", "cortex-a72", "neoverse-n1"; case ignored), run under qemu-user. reference: "model" (the float values are `model`'s) or "own"
     (qmodel's own weights with every fake-quant off: the quantization noise alone, for a QAT model whose
     weights have moved away from `model`'s).
     """

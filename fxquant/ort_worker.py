@@ -16,12 +16,20 @@ import sys
 
 
 def _isa() -> str:
-    """The integer-kernel ISA this process sees, from CPUID as numpy's dispatcher read it (under qemu: the
-    emulated CPU's, as ONNX Runtime's MLAS reads it; /proc/cpuinfo would still describe the host)."""
+    """The integer-kernel ISA this process sees, from CPUID (x86-64) or HWCAP (aarch64) as numpy's dispatcher
+    read it (under qemu: the emulated CPU's, as ONNX Runtime's MLAS reads it; /proc/cpuinfo would still
+    describe the host)."""
+    import platform
+
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:  # numpy 1.x
         from numpy.core._multiarray_umath import __cpu_features__ as features
+    if platform.machine() in ("aarch64", "arm64"):
+        for flag, name in (("ASIMDDP", "Arm NEON + dot product"), ("ASIMD", "Arm NEON")):
+            if features.get(flag):
+                return name
+        return platform.machine()
     for flag, name in (("AVX512VNNI", "AVX-512 VNNI"), ("AVXVNNI", "AVX-VNNI"), ("AVX512BW", "AVX-512 (no VNNI)"), ("AVX2", "AVX2 (no VNNI)"),
                        ("SSE41", "SSE4"), ("SSSE3", "SSSE3")):
         if features.get(flag):

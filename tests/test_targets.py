@@ -147,16 +147,39 @@ def test_the_demo_model_agrees_on_every_cpu(tmp_path):
 
 def test_an_unknown_cpu_names_the_cpus(files):
     _, path = files["portable"]
-    with pytest.raises(fxquant.FxQuantError, match=r"cpu='pentium'.*'haswell', 'nehalem'"):
+    with pytest.raises(fxquant.FxQuantError, match=r"cpu='pentium'.*'cortex-a72', 'haswell', 'nehalem', 'neoverse-n1'"):
         check.run_file(path, torch.rand(1, 3, 8, 8), cpu="pentium")
 
 
-def test_missing_qemu_names_the_package(monkeypatch, files):
+@pytest.mark.parametrize("cpu", ["haswell", "neoverse-n1"])
+def test_missing_qemu_names_the_package(monkeypatch, files, cpu):
+    import shutil
+
     _, path = files["portable"]
-    monkeypatch.setattr(check, "QEMU", "qemu-x86_64-not-installed")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(check, "_RUNTIMES", {})
     with pytest.raises(fxquant.FxQuantError, match="install the qemu-user package"):
-        check.run_file(path, torch.rand(1, 3, 8, 8), cpu="haswell")
+        check.run_file(path, torch.rand(1, 3, 8, 8), cpu=cpu)
+
+
+def test_a_missing_arm_root_names_the_tool_that_builds_it(monkeypatch, tmp_path, files):
+    _, path = files["portable"]
+    monkeypatch.setenv("FXQUANT_AARCH64_ROOT", str(tmp_path / "nothing-here"))
+    monkeypatch.setattr(check, "_RUNTIMES", {})
+    with pytest.raises(fxquant.FxQuantError, match=r"nothing-here holds none: build it with `python -m fxquant.tools.aarch64_root`"):
+        check.run_file(path, torch.rand(1, 3, 8, 8), cpu="cortex-a72")
+
+
+@pytest.mark.parametrize("cpu, isa", [("cortex-a72", "Arm NEON"), ("neoverse-n1", "Arm NEON + dot product")])
+def test_arm_cpus_run_both_targets_exactly(files, cpu, isa):
+    """MLAS's Arm kernels (NEON widening multiplies without dot product, UDOT/SDOT with it) accumulate in
+    32 bits, so on Arm the 8-bit vnni file is as exact as the portable one: both within one step at every
+    layer, run as that CPU under qemu-aarch64 (measured; the same vnni file is tens of steps off as Haswell)."""
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    for target in ("portable", "vnni"):
+        int8, path = files[target]
+        run = check.layerwise(int8, path, x, cpu=cpu)
+        assert run.isa == isa and run.max_steps <= 1, (target, run)
 
 
 def test_an_emulated_run_that_does_not_answer_times_out():
@@ -173,7 +196,7 @@ def test_an_emulated_run_reports_a_broken_file(tmp_path):
 
 def test_host_isa_is_one_of_the_known_names():
     assert check.host_isa() in ("AVX-512 VNNI", "AVX-VNNI", "AVX-512 (no VNNI)", "AVX2 (no VNNI)", "SSE4", "SSSE3",
-                                "x86-64 baseline", "aarch64", "arm64")
+                                "x86-64 baseline", "Arm NEON + dot product", "Arm NEON", "aarch64", "arm64")
 
 
 def test_the_exported_weights_hold_the_bound(files):

@@ -32,7 +32,9 @@ widens to int32) and the u8 x u8 matmul of two activations (attention: U8U8 wide
                         2 * 127 * 127 fits), and full 8 bits on every other row (depthwise conv, the
                         activation matmuls). It costs one bit on those weights only.
     vnni                full 8-bit weights everywhere: exact where the CPU has AVX-VNNI / AVX512-VNNI
-                        (vpdpbusd adds in int32) or ARM's dot product; on any other x86 CPU the pair sums
+                        (vpdpbusd adds in int32) and on Arm (NEON and dot-product kernels accumulate in
+                        int32: measured as cortex-a72 and neoverse-n1 under qemu-aarch64, tests/test_targets.py);
+                        on any other x86 CPU the pair sums
                         saturate (tens of steps per layer). ONNX Runtime's session option
                         session.x64quantprecision=1 rescues such a file there by running weights outside
                         [-64, 64] as u8 x u8 (about 40% slower on the integer GEMMs).
@@ -65,7 +67,7 @@ REDUCED_WEIGHT_BITS = 7  # reduce_range=True: [-63, 63], see above
 TARGETS = (
     Target("portable", 32767, "every x86 CPU (SSE4, AVX2, AVX-512, VNNI) and ARM: weights of the integer GEMMs "
            "narrowed so no 16-bit pair sum can saturate"),
-    Target("vnni", None, "CPUs with AVX-VNNI / AVX512-VNNI or ARM dot product only: full 8-bit weights; on AVX2 "
+    Target("vnni", None, "CPUs with AVX-VNNI / AVX512-VNNI, or Arm, only: full 8-bit weights; on AVX2 "
            "without VNNI the pair sums saturate (ORT session option session.x64quantprecision=1 avoids it, slower)"),
 )
 

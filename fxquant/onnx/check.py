@@ -228,7 +228,7 @@ def _check_pair_sums(g: _Graph, backend: Backend, rule: Rule, node) -> list[str]
     return [f"integer GEMM weights reach +-{peak}: two products of {span}-code activations sum to up to {2 * span * peak}, "
             f"past the {backend.target.pair_sum_max} of a 16-bit pair sum (vpmaddubsw on x86 CPUs without VNNI), which "
             f"saturates; target {backend.target.name!r} allows +-{limit}. Re-export with target='portable' (the default), "
-            "or deploy only to VNNI / ARM dot-product CPUs (target='vnni'; ONNX Runtime's session option "
+            "or deploy only to VNNI or Arm CPUs (target='vnni'; ONNX Runtime's session option "
             "session.x64quantprecision=1 runs such a file exactly, slower, elsewhere)"]
 
 
