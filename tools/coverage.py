@@ -1,6 +1,8 @@
 """Model-zoo coverage: every torchvision classification model, random init, through to ONNX Runtime.
 
     python -m fxquant.tools.coverage [--models a,b] [--markdown OUT] [--json OUT] [--readme README.md] [--torch-ao]
+    python -m fxquant.tools.coverage --update OLD.json --models a,b --json NEW.json --readme README.md
+                                     # rerun some models, keep the other rows of OLD.json
 
 One row per model: quantize (PTQ, a few random calibration batches) -> convert -> export_onnx ->
 ONNX Runtime, and how the ONNX output agrees with the reference int8 graph (SQNR in dB, top-1 on
@@ -322,6 +324,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="input size for every model (default: per model, see the docstring)")
     parser.add_argument("--target", help="the onnxruntime backend's deployment target (default: portable; vnni for "
                         "8-bit weights everywhere)")
+    parser.add_argument("--update", metavar="JSON", help="start from the rows of an earlier --json run and rerun only "
+                        "--models, replacing their rows (after a change that touches some models)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
@@ -333,11 +337,19 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--models: not torchvision classification models: {unknown}")
     rows = []
+    if args.update:
+        if not args.models:
+            parser.error("--update: name the models to rerun with --models")
+        with open(args.update) as f:
+            rows = [Row(**{k: v for k, v in d.items() if k != "passed"}) for d in json.load(f)["rows"]]
+    rerun = set(names)
+    rows = [r for r in rows if r.model not in rerun]
     for name in names:
         rows.append(_in_subprocess(name, args.size or input_size(name), args))
         r = rows[-1]
         status = "pass" if r.passed else f"FAIL {r.error}"
         print(f"{name:24s} {_fmt(r.sqnr_onnx_db, ' dB'):>10s} {_fmt(r.quantize_s):>7s}s {status}", file=sys.stderr, flush=True)
+    rows.sort(key=lambda r: r.model)
     table = markdown(rows, torch_ao=args.torch_ao)
     print(table)
     if args.markdown:
