@@ -215,12 +215,25 @@ def _refuse_sentinels(qmodel: fx.GraphModule) -> None:
         lo, hi = float(fq.observer.min_val.min()), float(fq.observer.max_val.max())
         if max(abs(lo), abs(hi)) >= SENTINEL:
             node = next((n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == name), None)
-            source = node.args[0].name if node is not None and isinstance(node.args[0], fx.Node) else name
+            source = node.args[0] if node is not None and isinstance(node.args[0], fx.Node) else None
+            readers = list(node.users) if node is not None else []
+            hint = ", ".join(dict.fromkeys(h for n in [source, *readers] if (h := _exclude_entry(n)) is not None))
             raise FxQuantError(
-                f"calibrate: activation '{source}' (fake-quant '{name}') was observed in [{lo:.3g}, {hi:.3g}]: sentinel "
-                f"values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) would give it a scale of "
-                f"{(hi - lo) / 255:.3g}. Keep it float: exclude=['{source}'] or the op that reads it, or add the mask "
-                "inside an attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
+                f"calibrate: activation '{source.name if source is not None else name}' (fake-quant '{name}') was observed "
+                f"in [{lo:.3g}, {hi:.3g}]: sentinel values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) "
+                f"would give it a scale of {(hi - lo) / 255:.3g}. Keep the op that makes it and the ops that read it float: "
+                f"exclude=[{hint}] (a function in exclude= keeps every call of it float), or add the mask inside an "
+                "attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
+
+
+def _exclude_entry(node: fx.Node | None) -> str | None:
+    """What exclude= takes to keep `node` float, as source text: 'module.name' or a function (operator.add)."""
+    if node is None or node.op not in ("call_module", "call_function"):
+        return None
+    if node.op == "call_module":
+        return repr(node.target)
+    module = getattr(node.target, "__module__", None) or ""
+    return f"{module.lstrip('_')}.{node.target.__name__}" if module else node.target.__name__
 
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:

@@ -42,6 +42,10 @@ def _binary(op_type, e, node):
     a, b = node.args[:2]
     if node.kwargs.get("alpha", 1) != 1:
         raise FxQuantError(f"export_onnx: node '{node.name}' uses alpha={node.kwargs['alpha']}; only alpha=1 exports")
+    if any(isinstance(v, (list, tuple)) for v in (a, b, e.tensor_of(node))):  # [x.shape[0]] + [1] * (x.ndim - 1)
+        raise FxQuantError(f"export_onnx: node '{node.name}' ({node.format_node()}) joins or repeats Python lists that hold "
+                           "sizes following the batch; not exported. Build the size with tensor ops (x.new_ones(...), "
+                           "torch.cat), or export with dynamic_batch=False")
     kind = np.float32 if isinstance(e.tensor_of(node), torch.Tensor) else np.int64  # int64: sizes that follow the batch
     ins = [e.arg(x) if isinstance(x, fx.Node) else e.const(node, kind(x), f"const{i}") for i, x in enumerate((a, b))]
     return e.op(node, op_type, ins)
@@ -67,7 +71,9 @@ def _silu(e, node):
 def _stochastic_depth(e, node):
     if not inference_identity(None, node):
         raise FxQuantError(
-            f"export_onnx: node '{node.name}' is stochastic_depth traced with training=True; call model.eval() before quantize/export"
+            f"export_onnx: node '{node.name}' is stochastic_depth traced with training=True (the model was in train mode "
+            "when quantize traced it, as qat=True does), so the file would drop rows at random. Quantize the model in eval "
+            "mode (PTQ); for QAT set each StochasticDepth's p to 0 (or replace it by nn.Identity()) before quantize"
         )
     return e.arg(node.args[0])  # identity at inference
 
