@@ -192,3 +192,32 @@ def test_stochastic_depth_in_qat_exports_with_p_zero(tmp_path):
         else:
             fxquant.export_onnx(int8, str(tmp_path / "b.onnx"))
             assert (tmp_path / "b.onnx").stat().st_size > 0
+
+
+class RootConv(nn.Module):
+    """A functional conv on the root's own weight (lift_functional names it 'conv2d'), then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.conv2d(x, self.weight))
+
+
+def test_exclude_takes_the_names_quantize_gives_and_refuses_others():
+    """exclude= is checked against the graph annotate_quant sees, so a name lift_functional made (what
+    fxquant.sensitivity / mixed_precision hand back) is taken, and a misspelt one is refused at quantize."""
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = fxquant.quantize(RootConv(), x, calib_data=[x], exclude=["conv2d"], progress=False)
+    assert [op.name for op in fxquant.report(qmodel).quantized] == ["fc"]
+    with pytest.raises(FxQuantError, match=r"exclude=\['conv2'\]: no module of RootConv .*conv2d, fc"):
+        fxquant.quantize(RootConv(), x, calib_data=[x], exclude=["conv2"], progress=False)
+
+
+def test_an_observer_that_sees_nan_names_its_fake_quant():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    net[0].weight.data[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FxQuantError, match=r"observer of fake-quant '0\.weight_fq' saw NaN"):
+        fxquant.quantize(net, torch.randn(2, 3, 8, 8), calib_data=[torch.randn(2, 3, 8, 8)], progress=False)

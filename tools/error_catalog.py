@@ -54,7 +54,7 @@ INTERNAL = {
     ("fxquant.check", "EmulatedRuntime.run"): "the emulated ONNX Runtime process died between two calls",
     ("fxquant.qat", "assert_ranks_agree"): "needs torch.distributed ranks that disagree (a DDP bug)",
     ("fxquant.viz.outputs", "render_dot"): "needs Graphviz's dot missing, failing or running past its timeout",
-    ("fxquant.onnx.shape", "_pad"): "torch.nn.functional.pad itself accepts only the four modes the exporter exports",
+    ("fxquant.onnx.shape", "emit_pad"): "torch.nn.functional.pad itself accepts only the four modes the exporter exports",
     ("fxquant.mixed_precision", "solve"): "mixed_precision passes solve() one budget and widths that include float "
                                           "(always feasible); the errors guard a direct call of the solver",
 }

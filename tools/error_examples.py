@@ -71,6 +71,9 @@ EXAMPLES = [
     E("fxquant.quantize", "a flag that is not a bool", 'fxquant.quantize(Net(), x, qat="yes")'),
     E("fxquant.quantize", "unknown observer", 'fxquant.quantize(Net(), x, observer="max")'),
     E("fxquant.quantize", "exclude given as one string", 'fxquant.quantize(Net(), x, exclude="fc")'),
+    E("fxquant.quantize", "exclude holding something else", "fxquant.quantize(Net(), x, exclude=[3])"),
+    E("fxquant.quantize", "exclude naming no module", 'fxquant.quantize(Net(), x, exclude=["fcc"])'),
+    E("fxquant.quantize", "leaf_modules naming no module", 'fxquant.quantize(Net(), x, leaf_modules=["head"])'),
     E("fxquant.quantize", "SmoothQuant alpha outside (0, 1)", "fxquant.quantize(Net(), x, smooth=2)"),
     E("fxquant.quantize", "concrete_args not a dict", "fxquant.quantize(Net(), x, concrete_args=[1])"),
     E("fxquant.quantize", "bit width out of range", "fxquant.quantize(Net(), x, w_bits=16)"),
@@ -113,6 +116,9 @@ EXAMPLES = [
       "class Masked(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 8)\n"
       "    def forward(self, x):\n        return self.fc(x + torch.triu(torch.full((8, 8), -1e9), 1))\n"
       "fxquant.quantize(Masked(), x, calib_data=data)"),
+    E("fxquant.quantize", "a calibration batch the model cannot run", "fxquant.quantize(Net(), x, calib_data=[torch.randn(2, 5, 8, 8)])"),
+    E("fxquant.quantize", "calibration batches that are not tensors", "fxquant.quantize(Net(), x, calib_data=[[1, 2]])"),
+    E("fxquant.calibrate", "a float model", "fxquant.calibrate(Net(), data)"),
     E("fxquant.calibrate", "calib_data empty", "q = fxquant.quantize(Net(), x)\nfxquant.calibrate(q, [])"),
     E("fxquant.calibrate", "a dict batch without an input", 'q = fxquant.quantize(Two(), (x, x))\nfxquant.calibrate(q, [{"a": x}])'),
     E("fxquant.calibrate", "bias correction on a generator (read once)",
@@ -153,6 +159,7 @@ EXAMPLES = [
     E("fxquant.export_onnx", "model is a path", 'fxquant.export_onnx("net.pt", "net.onnx", x)'),
     E("fxquant.export_onnx", "a float model without example inputs", 'fxquant.export_onnx(Net(), "net.onnx")'),
     E("fxquant.export_onnx", "opset out of range", INT8 + '\nfxquant.export_onnx(int8, "net.onnx", opset=11)'),
+    E("fxquant.export_onnx", "path not a path", INT8 + "\nfxquant.export_onnx(int8, 123)"),
     E("fxquant.export_onnx", "output folder missing", INT8 + '\nfxquant.export_onnx(int8, "no/such/folder/net.onnx")'),
     E("fxquant.export_onnx", "simplify with external data", INT8 + '\nfxquant.export_onnx(int8, "net.onnx", simplify=True, external_data=True)'),
     E("fxquant.export_onnx", "3-bit activations (no ONNX type)",
@@ -189,9 +196,6 @@ EXAMPLES = [
       'fxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
     E("fxquant.export_onnx", "layer norm below opset 17",
       'q = fxquant.quantize(ConvThen(nn.LayerNorm(8)), x, calib_data=data)\nfxquant.export_onnx(fxquant.convert(q), "net.onnx", opset=13)'),
-    E("fxquant.export_onnx", "a float conv with padding_mode='reflect'",
-      'conv = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")\n'
-      'q = fxquant.quantize(ConvThen(conv), x, calib_data=data, exclude=["fn"])\nfxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
     E("fxquant.export_onnx", "einsum with 27 subscripts",
       'eq = "abcdefghijklmnopqrstuvwxyzA->A"\n'
       'q = fxquant.quantize(ConvThen(lambda y: torch.einsum(eq, y.reshape([1] * 26 + [-1]))), x, calib_data=data)\n'
@@ -237,6 +241,8 @@ EXAMPLES = [
     E("fxquant.sensitivity", "inputs not tensors", "fxquant.sensitivity(Net(), [([1, 2], torch.tensor([0, 1]))])"),
     E("fxquant.sensitivity", "targets None", "fxquant.sensitivity(Net(), [(x, None)])"),
     E("fxquant.sensitivity", "no batches", "fxquant.sensitivity(Net(), [])"),
+    E("fxquant.sensitivity", "metric given by name", 'fxquant.sensitivity(Net(), labeled, metric="top1")'),
+    E("fxquant.mixed_precision", "metric given by name", 'fxquant.mixed_precision(Net(), labeled, avg_bits=4, metric="accuracy")'),
     E("fxquant.sensitivity", "a metric that returns NaN", 'fxquant.sensitivity(Net(), labeled, metric=lambda out, y: float("nan"))'),
     E("fxquant.sensitivity", "no quantizable layer (only an add)", 'fxquant.sensitivity(ConvThen(lambda y: y + y), labeled, exclude=["conv"])'),
     E("fxquant.mixed_precision", "no budget", "fxquant.mixed_precision(Net(), labeled)"),

@@ -360,6 +360,8 @@ def _load(model) -> onnx.ModelProto:
         return model
     if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
         return onnx.load(os.fspath(model))
+    if isinstance(model, (str, os.PathLike)):
+        raise FxQuantError(f"model={os.fspath(model)!r}: no such file")
     raise FxQuantError(f"model: expected an onnx.ModelProto or the path of an .onnx file, got {model!r}")
 
 

@@ -106,6 +106,8 @@ def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynam
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise FxQuantError(f"opset={opset!r}: expected an integer from {MIN_OPSET} (per-channel DequantizeLinear) to {MAX_OPSET}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise FxQuantError(f"path={path!r}: expected the file to write, a str or os.PathLike (e.g. 'model.onnx')")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
