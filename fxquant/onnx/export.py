@@ -127,6 +127,6 @@ def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynam
     if table is not None:
         stamp(onnx_model, table, _float_nodes(graph), graph.meta.get(CONFIG_META))
         if check:
-            assert_valid(onnx_model)
+            assert_valid(onnx_model, quantized_for=getattr(graph.meta.get(BACKEND_META), "name", None))
     save(onnx_model, path, external=external, check=check)
     return onnx_model
