@@ -2,8 +2,8 @@
 
     python -m fxquant.tools.error_catalog [--readme README.md] [--check]
 
-Runs every example of fxquant.tools.error_examples (tiny models, the public API only; a few tens of seconds on
-one CPU core), captures the FxQuantError each raises, where it was raised (the innermost fxquant frame of the
+Runs every example of fxquant.tools.error_examples (tiny models, the public API only; 18.6 s wall for the whole
+run, measured with /usr/bin/time on a 2-core AMD EPYC VM at load average 5.5, about 10 s at load 1.5), captures the FxQuantError each raises, where it was raised (the innermost fxquant frame of the
 traceback: module and function) and its message, and prints the catalogue as Markdown: one `<details>` group
 per call that raises, one row per error (what was wrong / the code / the message's first line). `--readme`
 rewrites the catalogue between the markers <!-- fxquant-errors:begin --> and <!-- fxquant-errors:end -->;
