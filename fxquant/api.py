@@ -133,6 +133,9 @@ def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs:
     qmodel = run_passes(model, prepare_passes(config, example_inputs=example_inputs, calib_data=calib_data), trace=pass_trace)
     if not fake_quants(qmodel):
         raise nothing_to_quantize(qmodel)
+    for name, fq in qmodel.named_modules():  # an observer that sees NaN names its fake-quant (a plain attribute)
+        if isinstance(fq, FakeQuantize):
+            fq.observer.__dict__["label"] = name
     names = input_names(qmodel)  # keyword inputs (a dict) in the order of the graph's inputs from here on
     example_inputs = by_name(example_inputs, names)
     qmodel.meta[BACKEND_META] = config.backend_table()
@@ -162,6 +165,9 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     if isinstance(qmodel, PendingQuantization):  # quantize(model) with no inputs: the first batch gives them
         inputs, calib_data = first_batch(calib_data, n_inputs or qmodel.n_inputs)
         qmodel.materialize(inputs, recorded=one_row(inputs))
+    if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
+        raise FxQuantError(f"calibrate: expected the fake-quant GraphModule returned by fxquant.quantize(), got "
+                           f"{type(qmodel).__name__}")
     names = input_names(qmodel)
     n_inputs = n_inputs or len(names)
     was_training = qmodel.training
@@ -170,7 +176,16 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     seen = 0
     total = len(calib_data) if hasattr(calib_data, "__len__") else None
     for i, batch in enumerate(tqdm(calib_data, desc="calibrate", total=total, disable=not progress, leave=False)):
-        qmodel(*batch_inputs(batch, n_inputs, i, names))
+        inputs = batch_inputs(batch, n_inputs, i, names)
+        try:
+            qmodel(*inputs)
+        except FxQuantError:
+            raise
+        except Exception as exc:
+            raise FxQuantError(f"calib_data batch {i}: the model fails on it ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); each batch holds the model's inputs "
+                               f"as example_inputs did ({_shapes(qmodel.meta.get(EXAMPLE_META))}; extra items, labels, "
+                               "are ignored)") from exc
         seen += 1
     if seen == 0:
         raise FxQuantError("calib_data is empty: pass an iterable of at least one input batch")
@@ -185,6 +200,13 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
         correct_bias(qmodel, calib_data, n_inputs=n_inputs, progress=progress)
     qmodel.train(was_training)
     return qmodel
+
+
+def _shapes(inputs) -> str:
+    """'tensors of shape 1x3x8x8, 1x4' (the batch may differ) for a message; '' when unknown."""
+    values = inputs.values() if isinstance(inputs, dict) else inputs or ()
+    shapes = ", ".join("x".join(map(str, t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in values)
+    return f"tensors of shape {shapes}, any batch size" if shapes else "tensors"
 
 
 def nothing_to_quantize(qmodel: fx.GraphModule) -> FxQuantError:
@@ -212,12 +234,25 @@ def _refuse_sentinels(qmodel: fx.GraphModule) -> None:
         lo, hi = float(fq.observer.min_val.min()), float(fq.observer.max_val.max())
         if max(abs(lo), abs(hi)) >= SENTINEL:
             node = next((n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == name), None)
-            source = node.args[0].name if node is not None and isinstance(node.args[0], fx.Node) else name
+            source = node.args[0] if node is not None and isinstance(node.args[0], fx.Node) else None
+            readers = list(node.users) if node is not None else []
+            hint = ", ".join(dict.fromkeys(h for n in [source, *readers] if (h := _exclude_entry(n)) is not None))
             raise FxQuantError(
-                f"calibrate: activation '{source}' (fake-quant '{name}') was observed in [{lo:.3g}, {hi:.3g}]: sentinel "
-                f"values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) would give it a scale of "
-                f"{(hi - lo) / 255:.3g}. Keep it float: exclude=['{source}'] or the op that reads it, or add the mask "
-                "inside an attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
+                f"calibrate: activation '{source.name if source is not None else name}' (fake-quant '{name}') was observed "
+                f"in [{lo:.3g}, {hi:.3g}]: sentinel values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) "
+                f"would give it a scale of {(hi - lo) / 255:.3g}. Keep the op that makes it and the ops that read it float: "
+                f"exclude=[{hint}] (a function in exclude= keeps every call of it float), or add the mask inside an "
+                "attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")
+
+
+def _exclude_entry(node: fx.Node | None) -> str | None:
+    """What exclude= takes to keep `node` float, as source text: 'module.name' or a function (operator.add)."""
+    if node is None or node.op not in ("call_module", "call_function"):
+        return None
+    if node.op == "call_module":
+        return repr(node.target)
+    module = getattr(node.target, "__module__", None) or ""
+    return f"{module.lstrip('_')}.{node.target.__name__}" if module else node.target.__name__
 
 
 def convert(qmodel: fx.GraphModule) -> fx.GraphModule:

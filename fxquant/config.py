@@ -71,6 +71,9 @@ def _check_choice(name: str, value, allowed) -> None:
 def _check_names(name: str, value, what: str) -> tuple:
     if isinstance(value, (str, type)) or not isinstance(value, (tuple, list, set)):
         raise FxQuantError(f"{name}={value!r}: expected a list of {what}, e.g. {name}=['layer4']")
+    bad = [v for v in value if not (isinstance(v, str) or callable(v))]
+    if bad:
+        raise FxQuantError(f"{name}={list(value)!r}: {bad} are not {what}, e.g. {name}=['layer4', nn.LayerNorm]")
     return tuple(value)
 
 

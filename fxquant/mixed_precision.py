@@ -39,7 +39,7 @@ from torch import nn
 
 from fxquant.errors import FxQuantError
 from fxquant.report_files import format_table
-from fxquant.sensitivity import Batch, all_fqs, as_batches, evaluate, mean_kl, only, outputs_of, prepare, units
+from fxquant.sensitivity import Batch, all_fqs, as_batches, check_callable, evaluate, mean_kl, only, outputs_of, prepare, units
 
 FLOAT = 32  # the width a float layer counts as in the model size
 
@@ -215,6 +215,7 @@ def mixed_precision(model: nn.Module, data, *, max_drop: float | None = None, av
 
     if (max_drop is None) == (avg_bits is None):
         raise FxQuantError("mixed_precision: give exactly one budget, max_drop= (metric points) or avg_bits=")
+    check_callable("metric", metric)
     batches = as_batches(data)
     calib = calib_data if calib_data is not None else [b.inputs for b in batches[:8]]
     widths = sorted(set(bits) | {w_bits, a_bits})

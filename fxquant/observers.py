@@ -59,7 +59,8 @@ class MinMaxObserver(nn.Module):
     def forward(self, x: torch.Tensor):
         lo, hi = self._batch_range(x.detach().float())
         if not bool(torch.isfinite(torch.stack((lo, hi))).all()):
-            raise FxQuantError("observer saw NaN or Inf: check the model's inputs (calib_data) and weights")
+            where = f" of fake-quant '{self.label}'" if getattr(self, "label", None) else ""
+            raise FxQuantError(f"observer{where} saw NaN or Inf: check the model's inputs (calib_data) and weights")
         if self.training and _distributed():
             dist.all_reduce(lo, op=dist.ReduceOp.MIN)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -96,6 +96,12 @@ def _cat(values):
     return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for vs in values for v in vs]
 
 
+def check_callable(name: str, fn) -> None:
+    """`fn` is None (the default) or a function (outputs, targets) -> number."""
+    if fn is not None and not callable(fn):
+        raise FxQuantError(f"{name}={fn!r}: expected None (the default) or a function (outputs, targets) -> number")
+
+
 def _number(value, what: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -454,6 +460,8 @@ def sensitivity(model: nn.Module, data, *, metric=None, loss=None, calib_data=No
     """
     from tqdm.auto import tqdm
 
+    check_callable("metric", metric)
+    check_callable("loss", loss)
     loss = loss or sum_cross_entropy
     batches, qmodel, layers = prepare(model, data, progress=progress, calib_data=calib_data, **quantize_options)
     every = all_fqs(qmodel)

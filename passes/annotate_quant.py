@@ -33,6 +33,7 @@ from torch import fx
 from fxquant.backends import QUANTIZE, SHARE, SHARE_INPUTS, Backend, Rule, exposed_to_pair_sums
 from fxquant.errors import FxQuantError
 from fxquant.meta import KEY, info, matches_names, op_key
+from fxquant.passes.trace_model import check_module_names
 from fxquant.specs import QuantSpec, check_layer_bits
 
 
@@ -145,6 +146,7 @@ def _fit_pair_sums(gm: fx.GraphModule, backend: Backend) -> None:
 
 def annotate_quant(gm: fx.GraphModule, *, backend: Backend, w_bits: int = 8, a_bits: int = 8, exclude=(),
                    fake_quant: str | None = None, observer: str | None = None, layer_bits=None) -> fx.GraphModule:
+    check_module_names(gm, "exclude", exclude)  # here: the modules lift_functional made have names too
     weight = _kind(_narrow(backend.weight, w_bits), fake_quant, observer if observer in WEIGHT_OBSERVERS else None)
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:

@@ -196,9 +196,21 @@ def _with_defaults(model: nn.Module, n_given: int, concrete_args) -> dict | None
     return concrete or concrete_args
 
 
+def check_module_names(model: nn.Module, option: str, items) -> None:
+    """Each str in `items` (exclude= / leaf_modules=) is the qualified name of a module of `model`: a misspelt name
+    would otherwise match nothing and be ignored without a word."""
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    unknown = [n for n in items if isinstance(n, str) and n not in names]
+    if unknown:
+        shown = sorted(n for n in names if n)
+        raise FxQuantError(f"{option}={unknown}: no module of {type(model).__name__} has that name (misspelt?); its "
+                           f"modules: {', '.join(shown[:30])}{' ...' if len(shown) > 30 else ''}")
+
+
 def trace_model(model: nn.Module, *, example_inputs: tuple, leaf_modules=(), exclude=(), concrete_args=None,
                 auto_leaf: bool = False) -> fx.GraphModule:
     leaf_modules, exclude = tuple(leaf_modules), tuple(exclude)
+    check_module_names(model, "leaf_modules", leaf_modules)
     if isinstance(model, fx.GraphModule):  # from any tracer (HFTracer, the user's own): taken as it is
         gm, broken = model, {}
     else:

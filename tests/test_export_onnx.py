@@ -249,3 +249,22 @@ def test_missing_folder_is_named(quantized, tmp_path):
     _, _, int8, example = quantized
     with pytest.raises(fxquant.FxQuantError, match="does not exist"):
         fxquant.export_onnx(int8, tmp_path / "nope" / "m.onnx", example)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_float_conv_with_a_padding_mode_exports_as_pad_then_conv(tmp_path, mode):
+    """nn.Conv with padding_mode != 'zeros' kept float (exclude=, or a float model) exports as Pad (Gathers for
+    circular) then an unpadded Conv, as torch computes it; it used to be refused at export, after calibration."""
+    torch.manual_seed(0)
+    x2, x1 = torch.randn(2, 3, 9, 7), torch.randn(2, 3, 9)
+    for conv, x in ((nn.Conv2d(3, 4, 3, padding=(1, 2), padding_mode=mode), x2), (nn.Conv1d(3, 4, 3, padding=2, padding_mode=mode), x1)):
+        path = str(tmp_path / f"{mode}.onnx")
+        fxquant.export_onnx(conv.eval(), path, x)
+        got = run_onnx(ort_session(path), x)
+        np.testing.assert_allclose(got, conv(x).detach().numpy(), atol=1e-5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode), nn.ReLU())
+    int8 = fxquant.convert(fxquant.quantize(model, x2, calib_data=[x2], exclude=["1"], progress=False))
+    fxquant.export_onnx(int8, str(tmp_path / "q.onnx"))
+    step = output_scale(int8) or 0.0  # ONNX Runtime's integer kernels against the reference: within one step
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(ort_session(str(tmp_path / "q.onnx")), x2), int8(x2).numpy(), atol=step + 1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import fxquant
 from fxquant.mixed_precision import FLOAT, solve
 from fxquant.nn import FakeQuantize
 from fxquant.numerics import fake_quant
-from fxquant.sensitivity import as_batches, quantizable_layers, units
+from fxquant.sensitivity import as_batches, evaluate, quantizable_layers, units
 
 
 def _digits():
@@ -69,11 +70,11 @@ def _train(model, steps=150):
 
 
 # Module fixtures are built before a test's autouse seed, so they seed themselves; unseeded, they drew whatever
-# state the previous test left (xdist's order) and tests here failed at random. The claims below depend on how
-# the MLP trains: from seeds 1-6, the whole file passes on 5 and 6; on 1 and 4 the planted outlier does not
-# rank first (fc3 leads), on 2 the narrow-constraint plan misses its floor by 3.5 points, on 3 one test fails.
-# The seed is pinned to 5: these tests hold for that init, not for every init.
-STARTUP_SEED = 5
+# state the previous test left (xdist's order). No claim below depends on the init: the planted outlier is planted
+# in the most active channel and is large enough that 4 bits zero every other channel, and the narrow-constraint
+# floor is set from the measured all-4-bit plan. The whole file passes with FXQUANT_TEST_SEED=0, 1, ..., 9 (the
+# pinned seed 5 it had before was the one of 1-6 where every claim held).
+STARTUP_SEED = int(os.environ.get("FXQUANT_TEST_SEED", 0))
 
 
 @pytest.fixture(scope="module")
@@ -197,22 +198,30 @@ def test_grad_score_of_the_last_layer_with_the_analytic_gradient(mlp):
 # ---------------------------------------------------------------- a planted fault ranks first
 
 
-def _plant_outlier(model: MLP, factor=300.0) -> MLP:
-    """fc1's output channel 0 times `factor`, fc2's input column 0 divided by it: the same function (ReLU is
-    positively homogeneous), but the activation fc2 reads now has one channel `factor` times the rest's range."""
+def _plant_outlier(model: MLP, x: torch.Tensor, factor=300.0) -> tuple[MLP, int]:
+    """fc1's most active output channel on `x` times `factor`, fc2's input column for it divided by it: the same
+    function (ReLU is positively homogeneous), but every other channel of the activation fc2 reads is now below
+    1/factor of its range: at 4 bits (a step of range/15) they all round to zero, whatever the init, because the
+    channel chosen is the one with the largest values (a dead channel, all zeros, would plant nothing)."""
     import copy
 
+    with torch.no_grad():
+        channel = int(F.relu(model.fc1(x)).amax(0).argmax())
     m = copy.deepcopy(model)
     with torch.no_grad():
-        m.fc1.weight[0] *= factor
-        m.fc1.bias[0] *= factor
-        m.fc2.weight[:, 0] /= factor
-    return m
+        m.fc1.weight[channel] *= factor
+        m.fc1.bias[channel] *= factor
+        m.fc2.weight[:, channel] /= factor
+    return m, channel
 
 
 def test_planted_activation_outlier_is_ranked_first(mlp):
-    planted = _plant_outlier(mlp)
     data = _val(200)
+    planted, channel = _plant_outlier(mlp, torch.cat([b[0] for b in data]))
+    with torch.no_grad():  # by construction: at 4 bits only the planted channel of fc2's input survives
+        h = F.relu(planted.fc1(torch.cat([b[0] for b in data])))
+        others = torch.cat([h[:, :channel], h[:, channel + 1:]], 1)
+        assert float(others.max()) < float(h[:, channel].max()) / 15 / 2
     rep = fxquant.sensitivity(planted, data, w_bits=4, a_bits=4, progress=False)
     assert abs(rep.float_metric - fxquant.sensitivity(mlp, data, w_bits=8, a_bits=8, progress=False).float_metric) <= 0.5
     ranked = rep.ranked()
@@ -320,7 +329,14 @@ def test_milp_keeps_the_narrow_fraction():
 
 def test_mixed_precision_with_the_narrow_constraint_still_bisects(mlp):
     """Budgets too small for narrow_fraction's constraint are infeasible: they must raise the budget, not end the
-    search at the least-KL plan. 3 of 3 layers below 8 bits at a loose floor: a narrow plan is found."""
-    plan = fxquant.mixed_precision(mlp, _val(200), max_drop=5.0, w_bits=4, a_bits=4, narrow_fraction=1.0, progress=False)
-    assert plan.below_8_fraction == 1.0 and plan.float_metric - plan.measured_metric <= 5.0
+    search at the least-KL plan. 3 of 3 layers below 8 bits at a floor one narrow plan is measured to meet (every
+    layer at 4 bits, plus a point): by construction a narrow plan within the floor exists, and the search finds one."""
+    from fxquant.mixed_precision import measure
+
+    data = _val(200)
+    batches = as_batches(data)
+    calib = [b.inputs for b in batches[:8]]  # what mixed_precision calibrates on by default
+    floor = max(5.0, evaluate(mlp, batches)[0] - measure(mlp, batches, calib, dict(w_bits=4, a_bits=4)) + 1.0)
+    plan = fxquant.mixed_precision(mlp, data, max_drop=floor, w_bits=4, a_bits=4, narrow_fraction=1.0, progress=False)
+    assert plan.below_8_fraction == 1.0 and plan.float_metric - plan.measured_metric <= floor
     assert all(r["kl_budget"] is not None for r in plan.rounds)  # never fell back to the unconstrained plan

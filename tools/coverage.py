@@ -302,14 +302,15 @@ def markdown(rows: list[Row], *, torch_ao: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(path: str, table: str) -> None:
+def write_readme(path: str, table: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace what lies between the markers `begin` and `end` of the file at `path` by `table`."""
     text = open(path).read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"--readme {path}: add the markers {BEGIN} and {END} where the table goes")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    if begin not in text or end not in text:
+        raise SystemExit(f"--readme {path}: add the markers {begin} and {end} where the table goes")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{table}{END}{tail}")
+        f.write(f"{head}{begin}\n{table}{end}{tail}")
 
 
 def main(argv=None) -> int:

@@ -360,6 +360,8 @@ def _load(model) -> onnx.ModelProto:
         return model
     if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
         return onnx.load(os.fspath(model))
+    if isinstance(model, (str, os.PathLike)):
+        raise FxQuantError(f"model={os.fspath(model)!r}: no such file")
     raise FxQuantError(f"model: expected an onnx.ModelProto or the path of an .onnx file, got {model!r}")
 
 
@@ -404,13 +406,17 @@ def check_onnx(model, backend=None, *, target: str | None = None, float_nodes=No
     return found
 
 
-def assert_valid(model, backend=None, *, float_nodes=None, limit: int = 20) -> None:
-    """Raise FxQuantError listing the violations (the first `limit`), if any."""
+def assert_valid(model, backend=None, *, float_nodes=None, limit: int = 20, quantized_for: str | None = None) -> None:
+    """Raise FxQuantError listing the violations (the first `limit`), if any. `quantized_for`: the backend the
+    model was quantized for, named in the message when the file is checked against another one."""
     found = check_onnx(model, backend, float_nodes=float_nodes)
     if found:
         more = f"\n  ... and {len(found) - limit} more" if len(found) > limit else ""
+        name = getattr(backend, "name", backend) or read_metadata(_load(model)).get(BACKEND_KEY)
+        other = (f" (the model was quantized for {quantized_for!r}: export it with that backend, or quantize it with "
+                 f"backend={name!r})") if quantized_for and quantized_for != name else ""
         raise FxQuantError(
-            f"export_onnx: the file breaks {len(found)} rule(s) of its backend:\n  "
+            f"export_onnx: the file breaks {len(found)} rule(s) of backend {name!r}{other}:\n  "
             + "\n  ".join(map(str, found[:limit])) + more
             + "\n(check=False writes it anyway)"
         )

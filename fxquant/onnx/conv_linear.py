@@ -17,6 +17,7 @@ from torch import fx, nn
 from fxquant.errors import FxQuantError
 from fxquant.numerics import dequantize
 from fxquant.onnx.emitter import Value, pair
+from fxquant.onnx.shape import emit_pad
 
 
 def _conv_attrs(weight_shape, stride, padding, dilation, groups):
@@ -77,10 +78,12 @@ def _linear_fn(e, node):
 
 
 def _conv_module(e, node):
-    m = e.module(node)
+    """A conv with padding_mode reflect / replicate / circular pads its input itself, as nn.Conv does: a Pad (or
+    Gathers), then the Conv without padding."""
+    m, x, padding = e.module(node), node.args[0], e.module(node).padding
     if m.padding_mode != "zeros":
-        raise FxQuantError(f"export_onnx: conv node '{node.name}' uses padding_mode={m.padding_mode!r}; only 'zeros' exports")
-    return _conv(e, node, node.args[0], m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        x, padding = emit_pad(e, node, x, list(m._reversed_padding_repeated_twice), m.padding_mode, suffix="pad"), 0
+    return _conv(e, node, x, m.weight, m.bias, m.stride, padding, m.dilation, m.groups)
 
 
 def _linear_module(e, node):

@@ -44,6 +44,10 @@ def _binary(op_type, e, node):
         raise FxQuantError(f"export_onnx: node '{node.name}' uses alpha={node.kwargs['alpha']}; only alpha=1 exports")
     if op_type == "Add" and isinstance(e.tensor_of(node), tuple):  # x.size()[:-2] + (d,): shapes concatenate
         return e.op(node, "Concat", [e.whole_shape(node, a), e.whole_shape(node, b)], axis=0)
+    if any(isinstance(v, (list, tuple)) for v in (a, b, e.tensor_of(node))):  # [x.shape[0]] + [1] * (x.ndim - 1)
+        raise FxQuantError(f"export_onnx: node '{node.name}' ({node.format_node()}) joins or repeats Python lists that hold "
+                           "sizes following the batch; not exported. Build the size with tensor ops (x.new_ones(...), "
+                           "torch.cat), or export with dynamic_batch=False")
     value = e.tensor_of(node)
     kind = np.int64  # sizes that follow the batch; an integer tensor's constant takes its dtype (RoBERTa's position ids)
     if isinstance(value, torch.Tensor):
@@ -72,7 +76,9 @@ def _silu(e, node):
 def _stochastic_depth(e, node):
     if not inference_identity(None, node):
         raise FxQuantError(
-            f"export_onnx: node '{node.name}' is stochastic_depth traced with training=True; call model.eval() before quantize/export"
+            f"export_onnx: node '{node.name}' is stochastic_depth traced with training=True (the model was in train mode "
+            "when quantize traced it, as qat=True does), so the file would drop rows at random. Quantize the model in eval "
+            "mode (PTQ); for QAT set each StochasticDepth's p to 0 (or replace it by nn.Identity()) before quantize"
         )
     return e.arg(node.args[0])  # identity at inference
 

@@ -106,6 +106,8 @@ def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynam
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise FxQuantError(f"opset={opset!r}: expected an integer from {MIN_OPSET} (per-channel DequantizeLinear) to {MAX_OPSET}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise FxQuantError(f"path={path!r}: expected the file to write, a str or os.PathLike (e.g. 'model.onnx')")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -125,6 +127,6 @@ def export_onnx(model, path, example_inputs=NOT_GIVEN, *, opset: int = 17, dynam
     if table is not None:
         stamp(onnx_model, table, _float_nodes(graph), graph.meta.get(CONFIG_META))
         if check:
-            assert_valid(onnx_model)
+            assert_valid(onnx_model, quantized_for=getattr(graph.meta.get(BACKEND_META), "name", None))
     save(onnx_model, path, external=external, check=check)
     return onnx_model

@@ -145,7 +145,7 @@ def _pad_amounts(pad, rank: int) -> list[int]:
     return begins + ends
 
 
-def _wrap(e, node, x, pad):
+def _wrap(e, node, x, pad, suffix: str = ""):
     """Circular padding as one Gather per padded dimension: along
     dim d of size n, the indices [n - begin, ..., n - 1, 0, ..., n - 1, 0, ..., end - 1]."""
     value, shape = e.arg(x), e.tensor_of(x).shape
@@ -155,28 +155,29 @@ def _wrap(e, node, x, pad):
             n = shape[d]
             index = [j % n for j in range(-begin, n + end)]
             value = e.op(node, "Gather", [value, e.int64(node, index, f"index{d}")], f"wrap{d}", axis=d)
-    return e.op(node, "Identity", [value])
+    return e.op(node, "Identity", [value], suffix)
 
 
-def _pad(e, node, x, pad, mode="constant", value=None):
+def emit_pad(e, node, x, pad, mode="constant", value=None, suffix: str = ""):
+    """F.pad as Pad (or Gathers for circular); `suffix` names its output when it is not the node's last op."""
     modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
     if mode not in modes:
         raise FxQuantError(f"export_onnx: node '{node.name}' pads with mode={mode!r}; exported: {sorted(modes)}")
     if mode == "circular":  # Gathers: exact at every opset (Pad's "wrap" needs opset 19)
-        return _wrap(e, node, x, list(pad))
+        return _wrap(e, node, x, list(pad), suffix)
     inputs = [e.arg(x), e.int64(node, _pad_amounts(list(pad), e.rank(x)), "pads")]
     if mode == "constant":
         inputs.append(e.const(node, np.array(value or 0.0, dtype=np.float32), "value"))
-    return e.op(node, "Pad", inputs, mode=modes[mode])
+    return e.op(node, "Pad", inputs, suffix, mode=modes[mode])
 
 
 def _pad_fn(e, node):
-    return _pad(e, node, *node.args, **node.kwargs)
+    return emit_pad(e, node, *node.args, **node.kwargs)
 
 
 def _pad_module(e, node):
     m = e.module(node)
-    return _pad(e, node, node.args[0], m.padding, "constant", getattr(m, "value", 0.0))
+    return emit_pad(e, node, node.args[0], m.padding, "constant", getattr(m, "value", 0.0))
 
 
 def _getitem(e, node):
