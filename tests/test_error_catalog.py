@@ -221,3 +221,12 @@ def test_an_observer_that_sees_nan_names_its_fake_quant():
     net[0].weight.data[0, 0, 0, 0] = float("nan")
     with pytest.raises(FxQuantError, match=r"observer of fake-quant '0\.weight_fq' saw NaN"):
         fxquant.quantize(net, torch.randn(2, 3, 8, 8), calib_data=[torch.randn(2, 3, 8, 8)], progress=False)
+
+
+def test_running_the_catalogue_leaves_the_callers_folder_path_and_environment(outcomes):
+    """`outcomes` ran every example (one sets FXQUANT_AARCH64_ROOT); a test after it must see this process as it was."""
+    import os
+    import sys
+
+    assert "FXQUANT_AARCH64_ROOT" not in os.environ or os.environ["FXQUANT_AARCH64_ROOT"] != "no-arm-root-here"
+    assert not any("fxquant-errors-" in p for p in sys.path) and "fxquant-errors-" not in os.getcwd()

@@ -167,10 +167,11 @@ def run_example(example: Example, prelude: dict) -> Outcome:
 
 
 def run_all(examples=None) -> list[Outcome]:
-    """Every example, each in its own copy of the prelude, in a temporary working folder."""
+    """Every example, each in its own copy of the prelude, in a temporary working folder; the working folder,
+    sys.path and the environment variables are the caller's again afterwards."""
     examples = error_examples.EXAMPLES if examples is None else examples
     prelude: dict = {}
-    here = os.getcwd()
+    here, environ = os.getcwd(), dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="fxquant-errors-") as folder:
         os.chdir(folder)
         sys.path.insert(0, folder)  # as `python -m fxquant` has the current folder: the CLI's --model mymodels:build
@@ -180,6 +181,8 @@ def run_all(examples=None) -> list[Outcome]:
         finally:
             sys.path.remove(folder)
             os.chdir(here)
+            os.environ.clear()  # an example may set a variable (FXQUANT_AARCH64_ROOT); the caller's are put back
+            os.environ.update(environ)
 
 
 def _cell(text: str) -> str:

@@ -204,8 +204,8 @@ EXAMPLES = [
       'fxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
     E("fxquant.export_onnx", "a tensor attribute other than .shape read per batch",
       'q = fxquant.quantize(ConvThen(lambda y: y.mT), x, calib_data=data)\nfxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
-    E("fxquant.export_onnx", "a slice of a shape that follows the batch",
-      'q = fxquant.quantize(ConvThen(lambda y: y.view(y.shape[:2] + (-1,))), x, calib_data=data)\n'
+    E("fxquant.export_onnx", "a shape sliced at a bound computed in the graph",
+      'q = fxquant.quantize(ConvThen(lambda y: y.view(y.shape[:y.dim() - 2] + (-1,))), x, calib_data=data)\n'
       'fxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
     E("fxquant.export_onnx", "indexing with a Python list",
       'q = fxquant.quantize(ConvThen(lambda y: y[:, [0, 2]]), x, calib_data=data)\nfxquant.export_onnx(fxquant.convert(q), "net.onnx")'),
@@ -236,6 +236,8 @@ EXAMPLES = [
     E("fxquant.compare", "an ONNX file of another model",
       ONNX + '\nq2 = fxquant.quantize(Fork(), x, calib_data=data)\nfxquant.compare(Fork(), q2, fxquant.convert(q2), "net.onnx", x)'),
     E("fxquant.compare", "unknown emulated CPU", ONNX + '\nfxquant.compare(Net(), q, int8, "net.onnx", x, cpu="Skylake")'),
+    E("fxquant.check.run_file", "an Arm CPU without the Arm64 Python it runs in",
+      ONNX + '\nimport os\nos.environ["FXQUANT_AARCH64_ROOT"] = "no-arm-root-here"\nfxquant.check.run_file("net.onnx", x, cpu="neoverse-n1")'),
     E("fxquant.compare.improvement", "no models", "from fxquant.compare import improvement\nimprovement(Net(), {}, x)"),
     # ------------------------------------------------------------------ sensitivity, mixed precision
     E("fxquant.sensitivity", "data is one tensor", "fxquant.sensitivity(Net(), x)"),
