@@ -68,6 +68,8 @@ def test_sqnr_only_row_has_the_full_rows_sqnr_and_nothing_after_it():
     assert full.exported and full.sqnr_int8_db is not None and not full.error and not short.error
     assert short.sqnr_int8_db == full.sqnr_int8_db  # the same model, inputs and computation, stopped earlier
     assert not short.exported and short.sqnr_onnx_db is None and short.layer_steps is None
+    a7 = coverage._one("shufflenet_v2_x0_5", 32, False, 1, sqnr_only=True, a_bits=7)
+    assert a7.a_bits == 7 and not a7.error and a7.sqnr_int8_db != short.sqnr_int8_db  # another quantization
 
 
 def test_timeout_is_a_row():

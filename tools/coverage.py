@@ -66,6 +66,7 @@ class Row:
     model: str
     size: int
     target: str | None = None  # the onnxruntime backend's deployment target (None: its default, portable)
+    a_bits: int = 8  # fxquant's activation width (7 on portable: the weights of the integer GEMMs stay 8-bit)
     traced: bool = False
     fused: bool = False
     quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
@@ -164,7 +165,7 @@ def run_fxquant(row: Row, folder: str, sqnr_only: bool = False) -> None:
     trace: list = []
     start = time.perf_counter()
     try:
-        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target)
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target, a_bits=row.a_bits)
     finally:
         done = [p for p, _, _ in trace]
         row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
@@ -220,12 +221,13 @@ def run_torch_ao(row: Row, folder: str) -> None:
     _compare(row, path, reference, floats, test)
 
 
-def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None, sqnr_only: bool = False) -> Row:
+def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None, sqnr_only: bool = False,
+         a_bits: int = 8) -> Row:
     """Run one model in this process; an exception becomes the row's error."""
     import torch
 
     torch.set_num_threads(threads)
-    row = Row(name, size, target)
+    row = Row(name, size, target, a_bits)
     with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
         try:
             run_torch_ao(row, folder) if torch_ao else run_fxquant(row, folder, sqnr_only)
@@ -241,6 +243,7 @@ def _in_subprocess(name: str, size: int, args) -> Row:
     target = getattr(args, "target", None)
     cmd += ["--target", target] if target else []
     cmd += ["--sqnr-only"] if getattr(args, "sqnr_only", False) else []
+    cmd += ["--a-bits", str(args.a_bits)] if getattr(args, "a_bits", 8) != 8 else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -329,10 +332,12 @@ def main(argv=None) -> int:
                         "8-bit weights everywhere)")
     parser.add_argument("--sqnr-only", action="store_true", help="fxquant: only the SQNR int8 vs float column "
                         "(no export, no ONNX Runtime)")
+    parser.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}",
+                        help="fxquant's activation width (default 8)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
-        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target, args.sqnr_only)
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target, args.sqnr_only, args.a_bits)
         print(MARKER + json.dumps(asdict(row)), flush=True)
         return 0
     names = [m for m in args.models.split(",") if m] if args.models else all_models()
