@@ -11,7 +11,8 @@ they depend on the CPU, and the vnni file is not meant for a CPU without VNNI. `
 two `coverage --json` files (portable first) instead of running the models. `--sqnr-only` stops each row
 after that column (no export, no ONNX Runtime): the same figures, in a fraction of the time. `--a7` adds
 portable at a_bits=7: 7-bit activations leave room for 8-bit weights on every GEMM (2 * 127 * 127 <= 32767),
-the other way to pay for the portable file (quantize(..., a_bits=7)).
+the other way to pay for a pair-sum-safe layout; it measures the reference int8 model only (export_onnx refuses
+7-bit activations: ONNX's QuantizeLinear saturates to 8 or 4 bits).
 """
 
 from __future__ import annotations
