@@ -62,6 +62,16 @@ def test_coverage_rows_in_json_and_markdown_and_a_failure_is_a_row(tmp_path):
     assert "| shufflenet_v2_x0_5 | 16 | yes | yes |" in table and "| squeezenet1_1 | 16 | **no** |" in table
 
 
+def test_sqnr_only_row_has_the_full_rows_sqnr_and_nothing_after_it():
+    full = coverage._one("shufflenet_v2_x0_5", 32, False, 1)
+    short = coverage._one("shufflenet_v2_x0_5", 32, False, 1, sqnr_only=True)
+    assert full.exported and full.sqnr_int8_db is not None and not full.error and not short.error
+    assert short.sqnr_int8_db == full.sqnr_int8_db  # the same model, inputs and computation, stopped earlier
+    assert not short.exported and short.sqnr_onnx_db is None and short.layer_steps is None
+    a7 = coverage._one("shufflenet_v2_x0_5", 32, False, 1, sqnr_only=True, a_bits=7)
+    assert a7.a_bits == 7 and not a7.error and a7.sqnr_int8_db != short.sqnr_int8_db  # another quantization
+
+
 def test_timeout_is_a_row():
     class Args:
         timeout, threads, torch_ao, target = 0.01, 1, False, None  # what coverage's argparse gives

@@ -222,3 +222,15 @@ def test_target_cost_table_subtracts_per_model_and_names_failures(tmp_path, caps
     out = capsys.readouterr().out
     assert "| a | 30.0 | 33.5 | -3.5 |" in out and "| b | failed | 20.0 | failed |" in out
     assert "median difference -3.5 dB over 1 models" in out
+
+
+def test_target_cost_table_adds_the_7_bit_activation_column():
+    from fxquant.tools import target_cost
+
+    rows = {"portable": [{"model": "a", "sqnr_int8_db": 30.0}, {"model": "b", "sqnr_int8_db": 31.0}],
+            "vnni": [{"model": "a", "sqnr_int8_db": 33.5}, {"model": "b", "sqnr_int8_db": 34.0}],
+            target_cost.A7: [{"model": "a", "sqnr_int8_db": 31.0}, {"model": "b", "sqnr_int8_db": None}]}
+    out = target_cost.table(rows)
+    assert "| a | 30.0 | 33.5 | -3.5 | 31.0 | -2.5 |" in out and "| b | 31.0 | 34.0 | -3.0 | failed | failed |" in out
+    assert "median difference -3.2 dB over 2 models" in out
+    assert "median difference (portable, 7-bit activations) -2.5 dB over 1 models" in out

@@ -68,6 +68,7 @@ class Row:
     model: str
     size: int
     target: str | None = None  # the onnxruntime backend's deployment target (None: its default, portable)
+    a_bits: int = 8  # fxquant's activation width (7 on portable: the weights of the integer GEMMs stay 8-bit)
     traced: bool = False
     fused: bool = False
     quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
@@ -153,7 +154,8 @@ def _compare(row: Row, path: str, reference, floats, test) -> None:
     row.float_std = float(floats.std())
 
 
-def run_fxquant(row: Row, folder: str) -> None:
+def run_fxquant(row: Row, folder: str, sqnr_only: bool = False) -> None:
+    """The row; `sqnr_only` stops after "SQNR int8 vs float" (no export, no ONNX Runtime: the same figure, faster)."""
     import torch
 
     import fxquant
@@ -165,7 +167,7 @@ def run_fxquant(row: Row, folder: str) -> None:
     trace: list = []
     start = time.perf_counter()
     try:
-        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target)
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target, a_bits=row.a_bits)
     finally:
         done = [p for p, _, _ in trace]
         row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
@@ -176,6 +178,10 @@ def run_fxquant(row: Row, folder: str) -> None:
     row.leaves = len(rep.leaves)
     fxquant.calibrate(qmodel, calib, progress=False)
     int8 = fxquant.convert(qmodel)
+    if sqnr_only:
+        with torch.no_grad():
+            row.sqnr_int8_db = sqnr_db(model(test).numpy(), int8(test).numpy())
+        return
     path = os.path.join(folder, f"{name}.onnx")
     start = time.perf_counter()
     fxquant.export_onnx(int8, path, example)
@@ -217,16 +223,16 @@ def run_torch_ao(row: Row, folder: str) -> None:
     _compare(row, path, reference, floats, test)
 
 
-def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None) -> Row:
+def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None, sqnr_only: bool = False,
+         a_bits: int = 8) -> Row:
     """Run one model in this process; an exception becomes the row's error."""
     import torch
 
     torch.set_num_threads(threads)
-    run = run_torch_ao if torch_ao else run_fxquant
-    row = Row(name, size, target)
+    row = Row(name, size, target, a_bits)
     with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
         try:
-            run(row, folder)
+            run_torch_ao(row, folder) if torch_ao else run_fxquant(row, folder, sqnr_only)
         except Exception as exc:  # a failure is a row (with the stages it passed), not a crash
             where = traceback.extract_tb(exc.__traceback__)[-1]
             row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]} [{os.path.basename(where.filename)}:{where.lineno}]"
@@ -238,6 +244,8 @@ def _in_subprocess(name: str, size: int, args) -> Row:
     cmd += ["--torch-ao"] if args.torch_ao else []
     target = getattr(args, "target", None)
     cmd += ["--target", target] if target else []
+    cmd += ["--sqnr-only"] if getattr(args, "sqnr_only", False) else []
+    cmd += ["--a-bits", str(args.a_bits)] if getattr(args, "a_bits", 8) != 8 else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -327,10 +335,14 @@ def main(argv=None) -> int:
                         "8-bit weights everywhere)")
     parser.add_argument("--update", metavar="JSON", help="start from the rows of an earlier --json run and rerun only "
                         "--models, replacing their rows (after a change that touches some models)")
+    parser.add_argument("--sqnr-only", action="store_true", help="fxquant: only the SQNR int8 vs float column "
+                        "(no export, no ONNX Runtime)")
+    parser.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}",
+                        help="fxquant's activation width (default 8)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
-        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target)
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target, args.sqnr_only, args.a_bits)
         print(MARKER + json.dumps(asdict(row)), flush=True)
         return 0
     names = [m for m in args.models.split(",") if m] if args.models else all_models()

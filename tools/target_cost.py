@@ -1,6 +1,6 @@
 """What the portable target costs in accuracy: the reference int8 model against float, per model, at each target.
 
-    python -m fxquant.tools.target_cost [--models a,b,...] [--json OUT] [--from-json PORTABLE.json VNNI.json]
+    python -m fxquant.tools.target_cost [--models a,b,...] [--sqnr-only] [--a7] [--json OUT] [--from-json PORTABLE.json VNNI.json]
 
 Runs tools/coverage's row (random-init torchvision model, BatchNorms randomized, PTQ on random batches,
 each model in its own process) once with target="portable" (the default: 7-bit weights on the convs and
@@ -8,7 +8,11 @@ linears that reach a pair-summing integer GEMM) and once with target="vnni" (8-b
 and prints the "SQNR int8 vs float" column of both (the reference int8 graph against the float model,
 in dB; it does not depend on the CPU) and their difference. The ONNX Runtime columns are left out:
 they depend on the CPU, and the vnni file is not meant for a CPU without VNNI. `--from-json` formats
-two `coverage --json` files (portable first) instead of running the models.
+two `coverage --json` files (portable first) instead of running the models. `--sqnr-only` stops each row
+after that column (no export, no ONNX Runtime): the same figures, in a fraction of the time. `--a7` adds
+portable at a_bits=7: 7-bit activations leave room for 8-bit weights on every GEMM (2 * 127 * 127 <= 32767),
+the other way to pay for a pair-sum-safe layout; it measures the reference int8 model only (export_onnx refuses
+7-bit activations: ONNX's QuantizeLinear saturates to 8 or 4 bits).
 """
 
 from __future__ import annotations
@@ -24,36 +28,56 @@ MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,reg
           "squeezenet1_1,densenet121,googlenet,mnasnet1_0,vgg11_bn,alexnet,convnext_tiny,vit_b_16,swin_t,inception_v3,"
           "resnext50_32x4d,wide_resnet50_2,efficientnet_v2_s")
 TARGETS = ("portable", "vnni")
+A7 = "portable a7"  # --a7: portable at 7-bit activations, where 2 * 127 * 127 fits: every weight stays 8-bit
 
 
-def run(models: list[str], *, timeout: float = 1800, threads: int = 1) -> dict[str, list[dict]]:
-    """{target: [coverage row as a dict, ...]} for each target."""
+def run(models: list[str], *, timeout: float = 1800, threads: int = 1, sqnr_only: bool = False,
+        a7: bool = False) -> dict[str, list[dict]]:
+    """{variant: [coverage row as a dict, ...]}: each target at 8-bit activations, and A7 when asked."""
     out = {}
-    for target in TARGETS:
-        args = types.SimpleNamespace(threads=threads, torch_ao=False, target=target, timeout=timeout)
-        out[target] = []
+    variants = [(t, t, 8) for t in TARGETS] + ([(A7, "portable", 7)] if a7 else [])
+    for key, target, a_bits in variants:
+        args = types.SimpleNamespace(threads=threads, torch_ao=False, target=target, timeout=timeout, sqnr_only=sqnr_only,
+                                     a_bits=a_bits)
+        out[key] = []
         for name in models:
             row = coverage._in_subprocess(name, coverage.input_size(name), args)
-            print(f"{target:8s} {name:24s} {coverage._fmt(row.sqnr_int8_db, ' dB'):>9s} {row.error}", file=sys.stderr, flush=True)
-            out[target].append(vars(row))
+            print(f"{key:12s} {name:24s} {coverage._fmt(row.sqnr_int8_db, ' dB'):>9s} {row.error}", file=sys.stderr, flush=True)
+            out[key].append(vars(row))
     return out
 
 
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    half = len(values) // 2
+    return values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
+
+
 def table(rows: dict[str, list[dict]]) -> str:
-    """Markdown: model, SQNR int8 vs float per target, the difference, and the medians."""
-    by_target = {t: {r["model"]: r.get("sqnr_int8_db") for r in rows[t]} for t in TARGETS}
-    lines = ["| model | SQNR int8 vs float, portable (dB) | 8-bit vnni (dB) | portable - vnni (dB) |", "|---|---:|---:|---:|"]
-    deltas = []
-    for name, portable in by_target["portable"].items():
-        vnni = by_target["vnni"].get(name)
-        delta = None if portable is None or vnni is None else portable - vnni
-        deltas += [delta] if delta is not None else []
-        cells = [coverage._fmt(v, " dB").replace(" dB", "") for v in (portable, vnni, delta)]
+    """Markdown: model, SQNR int8 vs float per target (and A7), the differences to vnni, and their medians."""
+    keys = [k for k in (*TARGETS, A7) if k in rows]
+    by_key = {k: {r["model"]: r.get("sqnr_int8_db") for r in rows[k]} for k in keys}
+    others = [k for k in keys if k != "vnni"]
+    titles = {"portable": "portable", A7: "portable, 7-bit activations"}
+    head = ["model", "SQNR int8 vs float, portable (dB)", "8-bit vnni (dB)", "portable - vnni (dB)"]
+    head += ["portable at 7-bit activations, 8-bit weights (dB)", "that - vnni (dB)"] if A7 in keys else []
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    deltas: dict[str, list[float]] = {k: [] for k in others}
+    for name, portable in by_key["portable"].items():
+        vnni = by_key["vnni"].get(name)
+        values = [portable, vnni]
+        for k in others:
+            mine = by_key[k].get(name)
+            delta = None if mine is None or vnni is None else mine - vnni
+            deltas[k] += [delta] if delta is not None else []
+            values += [delta] if k == "portable" else [mine, delta]
+        cells = [coverage._fmt(v, " dB").replace(" dB", "") for v in values]
         lines.append(f"| {name} | " + " | ".join(c or "failed" for c in cells) + " |")
-    if deltas:
-        deltas.sort()
-        median = deltas[len(deltas) // 2] if len(deltas) % 2 else (deltas[len(deltas) // 2 - 1] + deltas[len(deltas) // 2]) / 2
-        lines.append(f"\nmedian difference {median:+.1f} dB over {len(deltas)} models (min {deltas[0]:+.1f}, max {deltas[-1]:+.1f})")
+    for k in others:
+        d = deltas[k]
+        if d:
+            lines.append(f"\nmedian difference{'' if k == 'portable' else ' (' + titles[k] + ')'} {_median(d):+.1f} dB "
+                         f"over {len(d)} models (min {min(d):+.1f}, max {max(d):+.1f})")
     return "\n".join(lines)
 
 
@@ -62,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=MODELS, help="comma-separated torchvision classification models")
     parser.add_argument("--json", help="write both targets' rows here")
     parser.add_argument("--from-json", nargs=2, metavar=("PORTABLE", "VNNI"), help="format two coverage --json files")
+    parser.add_argument("--a7", action="store_true", help="also portable at 7-bit activations (8-bit weights everywhere)")
+    parser.add_argument("--sqnr-only", action="store_true", help="stop each row after SQNR int8 vs float (no export, no ORT)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model and target")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -71,7 +97,7 @@ def main(argv=None) -> int:
         unknown = sorted(set(names) - set(coverage.all_models()))
         if unknown:
             parser.error(f"--models: not torchvision classification models: {unknown}")
-        rows = run(names, timeout=args.timeout)
+        rows = run(names, timeout=args.timeout, sqnr_only=args.sqnr_only, a7=args.a7)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
