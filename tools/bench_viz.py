@@ -1,6 +1,8 @@
 """How fast fxquant viz's page is on big graphs, in headless Chromium: load, stage switch, search.
 
     python -m fxquant.tools.bench_viz [--models resnet50,vit_b_16,chain] [--blocks 10000] [--keep DIR]
+    python -m fxquant.tools.bench_viz --build-only --blocks 250,500,1000,2000
+
 
 For each model (random init; nothing is downloaded) it builds the page with every stage (traced .. ONNX
 Runtime optimised), opens it in Debian's chromium (Playwright) and measures, in seconds of wall time:
@@ -11,6 +13,8 @@ Runtime optimised), opens it in Debian's chromium (Playwright) and measures, in 
              press Enter, until that node is drawn, selected and its details shown (groups around it opened)
 
 and prints a Markdown table (the README's). `chain` is a conv-bn-relu chain of --blocks blocks (4 channels, 8×8).
+--build-only times only the building of the chain's page (every stage, no browser), for each of --blocks in turn,
+in one process.
 """
 
 from __future__ import annotations
@@ -96,15 +100,41 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def build_times(blocks: list[int], keep: str | None) -> int:
+    """Seconds fxquant.viz takes to build the chain's page (every stage), for each length in turn."""
+    from fxquant.viz import viz
+
+    folder = keep or tempfile.mkdtemp(prefix="bench-viz-")
+    os.makedirs(folder, exist_ok=True)
+    import resource
+
+    print("| blocks | build s | nodes (all stages) | load average before / after | peak RSS so far MiB |\n|---|---|---|---|---|")
+    for n in blocks:
+        model, x = build("chain", n)
+        before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        result = viz(model, x, os.path.join(folder, f"chain{n}.html"))
+        built = time.perf_counter() - t0
+        print(f"| {n:,} | {built:.1f} | {sum(c for c in result.stages.values() if c > 0):,} | {before:.1f} / "
+              f"{os.getloadavg()[0]:.1f} | {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024:,} |", flush=True)
+    print(f"\nCPU: {cpu_name()}; torch threads: {torch.get_num_threads()}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,vit_b_16,chain")
-    parser.add_argument("--blocks", type=int, default=10_000, help="blocks of the conv-bn-relu chain (default 10000)")
+    parser.add_argument("--blocks", default="10000", help="blocks of the conv-bn-relu chain (default 10000); with "
+                        "--build-only, a comma-separated list")
+    parser.add_argument("--build-only", action="store_true", help="time building the chain's page for each --blocks")
     parser.add_argument("--keep", metavar="DIR", help="keep the pages in DIR")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while building (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.build_only:
+        return build_times([int(b) for b in args.blocks.split(",")], args.keep)
+    args.blocks = int(args.blocks)
     from playwright.sync_api import sync_playwright
 
     from fxquant.viz import viz

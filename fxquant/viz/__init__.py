@@ -23,7 +23,8 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.viz.build import absorbed_by_fusion, assign_groups, lowered_layers, model_stages, onnx_file_stages
 from fxquant.viz.outputs import ELK_VERSION, dot_source, render_dot, render_page, write_atomic
-from fxquant.viz.overlay import check_names, layer_sqnr, load_overlay, model_explorer_data, model_explorer_paths
+from fxquant.viz.overlay import (check_names, layer_sqnr, load_overlay, model_explorer_data, model_explorer_graph,
+                                 model_explorer_graph_path, model_explorer_paths)
 
 __all__ = ["viz", "VizResult", "load_model", "parse_input_shape"]
 
@@ -131,7 +132,8 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
     sqnr: also compute the per-layer SQNR (dB) of the fake-quant model against the float model, by node name.
     dot / svg / png: also write one stage (dot_stage, default the fake-quant stage, else the last one) as
         Graphviz DOT, or drawn by Graphviz's dot (needs the `dot` program: apt-get install graphviz).
-    model_explorer: also write the overlays as Google Model Explorer node data (one file per overlay).
+    model_explorer: also write the overlays as Google Model Explorer node data (one file per overlay), and the
+        graph they belong to (the ONNX stage, else the last stage) in its graph JSON, at `<stem>.graph.json`.
     config / **options: how to quantize, as for fxquant.quantize (an fxquant.QuantConfig, and/or its fields as
         keywords: backend="tensorrt", w_bits=4, target="vnni", exclude=[...]).
     calib_data: calibration batches (default: 4 seeded N(0, 1) batches of the inputs' shapes).
@@ -213,6 +215,10 @@ def viz(model, example_inputs=None, output="fxquant_viz.html", *, input_shape=No
         graph_id = _graph_id(stage_list)
         for path, o in zip(model_explorer_paths(model_explorer, overlays), overlays):
             result.files.append(write_atomic(path, json.dumps(model_explorer_data(o, graph_id), indent=1)))
+        graph_stage = next((s for s in data["stages"] if s["id"] == "onnx" and not s["error"]), None) or \
+            [s for s in data["stages"] if not s["error"]][-1]
+        graph = model_explorer_graph(graph_stage, graph_id, f"{source}: {graph_stage['label']}")
+        result.files.append(write_atomic(model_explorer_graph_path(model_explorer), json.dumps(graph, indent=1)))
     return result
 
 

@@ -243,7 +243,7 @@ def absorbed_by_kernels(model, optimized, stage: Stage, limit: int = 64) -> None
         node = by_name.get(rec["n"])
         if node is None:
             continue
-        stop = set(node.input) | inits
+        stop = set(node.input)  # the kernel's inputs, and the file's constants: where a path back ends
         seen, todo = [], [producer[o] for o in outputs.get(rec["n"], []) if o in producer]
         names = set()
         while todo and len(seen) < limit:
@@ -253,7 +253,7 @@ def absorbed_by_kernels(model, optimized, stage: Stage, limit: int = 64) -> None
                 continue
             names.add(name)
             seen.append(name)
-            todo.extend(producer[x] for x in n.input if x and x not in stop and x in producer)
+            todo.extend(producer[x] for x in n.input if x and x not in stop and x not in inits and x in producer)
         covered = [s for s in seen if s != rec["n"]]
         if covered and len(seen) < limit:
             rec["ab"] = covered

@@ -46,7 +46,8 @@ def add_parser(commands) -> None:
     p.add_argument("--svg", metavar="PATH", help="also draw that stage as SVG (needs Graphviz's dot program)")
     p.add_argument("--png", metavar="PATH", help="also draw that stage as PNG (needs Graphviz's dot program)")
     p.add_argument("--stage", choices=STAGE_IDS, help="the stage --dot/--svg/--png draw (default: fake-quant, else the last)")
-    p.add_argument("--model-explorer", metavar="PATH", help="also write the overlays as Google Model Explorer node data JSON")
+    p.add_argument("--model-explorer", metavar="PATH", help="also write the overlays as Google Model Explorer node data JSON, and the graph "
+                   "they apply to as its graph JSON at STEM.graph.json")
     p.add_argument("--stages", metavar="A,B", help=f"only these stages (some of {','.join(STAGE_IDS)}); the pipeline stops "
                    "after the last one asked for")
     p.add_argument("--backend", help="fxquant backend: onnxruntime (the default) or tensorrt")

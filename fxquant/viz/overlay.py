@@ -133,6 +133,11 @@ def model_explorer_paths(path, overlays: list[dict]) -> list[str]:
     return [f"{stem}_{_slug(o['name'])}{ext or '.json'}" for o in overlays]
 
 
+def model_explorer_graph_path(path) -> str:
+    """Where the graph goes next to the node data at `path`: `<stem>.graph.json`."""
+    return os.path.splitext(os.fspath(path))[0] + ".graph.json"
+
+
 def model_explorer_data(overlay: dict, graph_id: str) -> dict:
     """Google Model Explorer's node data (ModelNodeData): {graph id: {"results": {node: {"value": v}},
     "gradient": [{"stop": 0..1, "bgColor": ...}]}}; the gradient runs from good to bad by `better`."""
@@ -141,3 +146,18 @@ def model_explorer_data(overlay: dict, graph_id: str) -> dict:
     results = {name: {"value": value} for name, value in overlay["values"].items()}
     return {graph_id: {"results": results, "gradient": [{"stop": 0, "bgColor": lo}, {"stop": 0.5, "bgColor": "#fee08b"},
                                                         {"stop": 1, "bgColor": hi}]}}
+
+
+def model_explorer_graph(stage: dict, graph_id: str, label: str) -> dict:
+    """One stage as Google Model Explorer's graph JSON (a GraphCollection: {"label", "graphs": [{"id", "nodes"}]}),
+    which its built-in JSON adapter opens: node id = fxquant's node name (so the node data's keys are node ids by
+    construction), label = the op, namespace = the module path with "/" (Model Explorer's collapsible layers),
+    attrs = kind and shape, incomingEdges = the inputs. `stage`: a page stage (graph.Stage.as_json())."""
+    nodes = stage["nodes"]
+    out = []
+    for rec in nodes:
+        attrs = [{"key": "kind", "value": rec["k"]}] + ([{"key": "shape", "value": rec["sh"]}] if rec.get("sh") else [])
+        out.append({"id": rec["n"], "label": rec["o"], "namespace": (rec.get("g") or "").replace(".", "/"), "attrs": attrs,
+                    "incomingEdges": [{"sourceNodeId": nodes[i]["n"], "sourceNodeOutputId": "0", "targetNodeInputId": str(k)}
+                                      for k, i in enumerate(rec["i"])]})
+    return {"label": label, "graphs": [{"id": graph_id, "nodes": out}]}

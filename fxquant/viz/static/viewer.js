@@ -250,30 +250,41 @@
     return Math.max(64, Math.min(260, Math.max(textWidth(n.n, 11) + 30, textWidth(line2, 10)) + 16));
   }
 
-  function buildElk(m) {
+  // `seed(elkId, info)`: where a box was in the layout the user saw last ([x, y], its centre), or undefined. Seeded boxes
+  // keep their left-right order (ELK layered's semi-interactive crossing minimisation reads elk.position), so a stage
+  // switch, the other side of a diff or a click that opens a group moves the picture as little as elkjs allows.
+  function buildElk(m, seed) {
     const root = { id: "root", layoutOptions: {
       "elk.algorithm": "layered", "elk.direction": "DOWN", "elk.hierarchyHandling": "INCLUDE_CHILDREN",
       "elk.layered.spacing.nodeNodeBetweenLayers": "22", "elk.spacing.nodeNode": "14", "elk.spacing.edgeNode": "8",
       "elk.layered.considerModelOrder.strategy": "NODES_AND_EDGES", "elk.json.shapeCoords": "ROOT", "elk.json.edgeCoords": "ROOT",
       "elk.layered.crossingMinimization.greedySwitch.type": "OFF", "elk.padding": "[top=28,left=12,bottom=12,right=12]",
     }, children: [], edges: [] };
+    if (seed) {
+      root.layoutOptions["elk.layered.crossingMinimization.semiInteractive"] = "true";
+      root.layoutOptions["elk.layered.considerModelOrder.strategy"] = "NONE";  // model order would override the positions
+    }
     const index = new Map();  // elk id -> {kind, ...}
+    const place = (el, info) => {
+      const at = seed && seed(el.id, info);
+      if (at) (el.layoutOptions = el.layoutOptions || {})["elk.position"] = `(${at[0].toFixed(1)},${at[1].toFixed(1)})`;
+    };
     const add = (container, g) => {
       for (const it of g.items) {
         if (it.n !== undefined && state.hideShapes && m.nodes[it.n].s) continue;
         if (it.n !== undefined) {
           const n = m.nodes[it.n];
           const el = { id: "n:" + it.n, width: nodeSize(n), height: NODE_H };
-          container.children.push(el); index.set(el.id, { type: "node", i: it.n });
+          container.children.push(el); index.set(el.id, { type: "node", i: it.n }); place(el, index.get(el.id));
         } else if (state.expanded.has(it.g)) {
           const sub = m.groups.get(it.g);
           const el = { id: "G:" + it.g, children: [], layoutOptions: { "elk.padding": "[top=24,left=10,bottom=10,right=10]" } };
-          container.children.push(el); index.set(el.id, { type: "group", id: it.g });
+          container.children.push(el); index.set(el.id, { type: "group", id: it.g }); place(el, index.get(el.id));
           add(el, sub);
         } else {
           const sub = m.groups.get(it.g);
           const el = { id: "g:" + it.g, width: Math.max(120, Math.min(260, textWidth(sub.label, 11) + 24)), height: NODE_H + 6 };
-          container.children.push(el); index.set(el.id, { type: "cgroup", id: it.g });
+          container.children.push(el); index.set(el.id, { type: "cgroup", id: it.g }); place(el, index.get(el.id));
         }
       }
     };
@@ -295,10 +306,10 @@
     return { root, index, rep };
   }
 
-  async function layout(panel) {
+  async function layout(panel, from) {  // `from`: the panel whose places seed this one (see buildElk)
     const m = model(panel.si);
     const t0 = performance.now();
-    const built = buildElk(m);
+    const built = buildElk(m, from && from.places ? seeder(m, from) : null);
     const agg = new Map(built.root.edges.map((e) => [e.id, e.agg]));
     built.root.edges.forEach((e) => delete e.agg);
     const laid = await elk.layout(built.root);
@@ -306,6 +317,30 @@
     draw(panel);
     state.lastLayoutMs = performance.now() - t0;
     state.layoutCount++;
+  }
+
+  // where a box of model `m` was in panel `from`: the same node, else the node of that stage that holds it (absorbed
+  // it, or was absorbed: find), else the collapsed group it was drawn in; a node with none of these (a fake-quant a
+  // pass inserted) goes just below its inputs (else just above its users), so it keeps its branch's side; a group:
+  // the same group, open or not
+  function seeder(m, from) {
+    const fm = model(from.si), places = from.places;
+    const pos = m.nodes.map((n) => {
+      if (places.has("n:" + n.n)) return places.get("n:" + n.n);
+      const j = find(fm, n.n);
+      if (j === undefined) return undefined;
+      const rep = from.layout && from.layout.rep[j];
+      return places.get("n:" + fm.nodes[j].n) || (rep && rep[0] === "g" ? places.get(rep) : undefined);
+    });
+    const near = (list, dy) => {
+      const at = list.map((j) => pos[j]).filter((q) => q);
+      if (!at.length) return undefined;
+      const y = dy > 0 ? most(at.map((q) => q[1])) : least(at.map((q) => q[1]));
+      return [at.reduce((t, q) => t + q[0], 0) / at.length, y + dy];
+    };
+    m.nodes.forEach((n, i) => { if (!pos[i]) pos[i] = near(n.i, 1); });
+    for (let i = m.nodes.length - 1; i >= 0; i--) if (!pos[i]) pos[i] = near(m.users[i], -1);
+    return (id, info) => (info.type === "node" ? pos[info.i] : places.get("g:" + info.id));
   }
 
   // ------------------------------------------------------------------ drawing
@@ -329,10 +364,12 @@
     const o = overlay();
     const diff = state.diff ? diffOf(model(state.a), model(state.b)) : null;
     panel.boxes = new Map();
+    panel.places = new Map();  // "n:name" / "g:group" -> [x, y]: each box's centre in graph coordinates
     const fusion = new Map();
     const walk = (c) => {
       for (const ch of c.children || []) {
         const info = index.get(ch.id);
+        panel.places.set(info.type === "node" ? "n:" + m.nodes[info.i].n : "g:" + info.id, [ch.x + ch.width / 2, ch.y + ch.height / 2]);
         if (info.type === "group") {
           const g = m.groups.get(info.id);
           const wrap = el("g", { class: "group", "data-group": info.id }, gGroups);
@@ -478,6 +515,8 @@
   }
 
   async function render(opts = {}) {
+    const old = state.panels;  // what was on the screen: it seeds the new layout and anchors the view
+    const anchor = opts.center ? anchorOf(old) : null;
     const panelsDiv = $("panels");
     panelsDiv.textContent = "";
     state.panels = [];
@@ -491,8 +530,13 @@
       state.panels.push(p);
     }
     banner();
-    await Promise.all(state.panels.map((p) => layout(p)));
+    // a panel whose stage was on the screen is seeded by it, then the others by the first laid out (the two sides
+    // of a diff share their places), else by what was on the screen
+    const same = (p) => old.find((o) => o.si === p.si && o.places);
+    const order = state.panels.filter(same).concat(state.panels.filter((p) => !same(p)));
+    for (const p of order) await layout(p, same(p) || order.find((q) => q.places) || old.find((o) => o.places));
     for (const p of state.panels) {
+      if (anchor && keep(p, anchor)) continue;
       const m = model(p.si);
       const i = state.selected ? find(m, state.selected) : undefined;
       const key = i !== undefined ? "n:" + m.nodes[i].n : null;
@@ -502,8 +546,44 @@
     if (state.selected) showDetails(state.selected);
   }
 
+  // the place of node `name` (or of what holds it: find, then its collapsed group) in panel p, [x, y, w, h]
+  function locate(p, name) {
+    const m = model(p.si), i = find(m, name);
+    if (i === undefined || !p.places) return undefined;
+    const rep = p.layout.rep[i];
+    return p.places.get("n:" + m.nodes[i].n) || (rep[0] === "g" ? p.places.get(rep) : undefined);
+  }
+  // what stays put on the screen across a re-render: the selected node, else the nodes nearest the middle of the view
+  // (the first of them that the new panel has), each with where it was on the screen
+  function anchorOf(panels) {
+    const p = panels.find((q) => q.places);
+    if (!p) return null;
+    const r = p.svg.getBoundingClientRect();
+    const names = state.selected && locate(p, state.selected) ? [state.selected]
+      : Array.from(p.places.keys()).filter((key) => key[0] === "n").map((key) => key.slice(2));
+    const spots = names.map((name) => {
+      const at = locate(p, name);
+      return { name, x: p.view.x + at[0] * p.view.k, y: p.view.y + at[1] * p.view.k };
+    });
+    spots.sort((u, v) => Math.hypot(u.x - r.width / 2, u.y - r.height / 2) - Math.hypot(v.x - r.width / 2, v.y - r.height / 2));
+    return { k: p.view.k, spots: spots.slice(0, 64) };
+  }
+  // put the anchor where it was (same zoom) if this panel has it and that spot is inside the panel; false: it could not
+  function keep(p, anchor) {
+    const r = p.svg.getBoundingClientRect();
+    for (const spot of anchor.spots) {
+      const at = locate(p, spot.name);
+      if (!at) continue;
+      if (spot.x < 0 || spot.y < 0 || spot.x > r.width || spot.y > r.height) return false;
+      p.view = { k: anchor.k, x: spot.x - at[0] * anchor.k, y: spot.y - at[1] * anchor.k };
+      applyView(p);
+      return true;
+    }
+    return false;
+  }
+
   async function relayout(centerName) {
-    await Promise.all(state.panels.map((p) => layout(p)));
+    for (const p of state.panels) await layout(p, p);
     for (const p of state.panels) {
       if (!centerName) continue;
       const m = model(p.si);
