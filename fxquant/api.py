@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 
 import torch
 from torch import fx, nn
 
-from fxquant.backends import BACKEND_META, SENTINEL
+from fxquant.backends import BACKEND_META, SENTINEL, SENTINEL_GAP
 from fxquant.config import CONFIG_META, QuantConfig
 from fxquant.errors import FxQuantError
 from fxquant.inputs import EXAMPLE_META, NOT_GIVEN, as_inputs, batch_inputs, by_name, first_batch, forward_arity, one_row
@@ -226,20 +227,25 @@ def input_names(gm: fx.GraphModule) -> list[str]:
 
 
 def _refuse_sentinels(qmodel: fx.GraphModule) -> None:
-    """An activation whose observed range reaches a sentinel (finfo.min, -1e9: an additive mask) would get a scale
-    that rounds every real value to zero (a 1e36 scale): raise, naming the node and the fix."""
+    """An activation whose observed range reaches a sentinel (finfo.min, -1e9: an additive mask; or +-inf) would get
+    a scale that rounds every real value to zero (a 1e36 scale): raise, naming the node and the fix.
+
+    A mask's sentinel is negative and lies far below everything else the tensor holds (min <= -SENTINEL while
+    max is under SENTINEL_GAP times smaller in magnitude); a large range alone is not one (a deep random-init
+    ResNet's ReLU outputs reach 1e6 and quantize as well as any)."""
     for name, fq in qmodel.named_modules():
         if not isinstance(fq, FakeQuantize) or fq.of_weight or not fq.calibrated:
             continue
         lo, hi = float(fq.observer.min_val.min()), float(fq.observer.max_val.max())
-        if max(abs(lo), abs(hi)) >= SENTINEL:
+        if not (math.isfinite(lo) and math.isfinite(hi)) or (lo <= -SENTINEL and -lo >= SENTINEL_GAP * max(abs(hi), 1.0)):
             node = next((n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == name), None)
             source = node.args[0] if node is not None and isinstance(node.args[0], fx.Node) else None
             readers = list(node.users) if node is not None else []
             hint = ", ".join(dict.fromkeys(h for n in [source, *readers] if (h := _exclude_entry(n)) is not None))
             raise FxQuantError(
                 f"calibrate: activation '{source.name if source is not None else name}' (fake-quant '{name}') was observed "
-                f"in [{lo:.3g}, {hi:.3g}]: sentinel values (|x| >= {SENTINEL:g}: an additive mask's finfo.min or -1e9) "
+                f"in [{lo:.3g}, {hi:.3g}]: sentinel values (at or below -{SENTINEL:g}, far below the rest, or infinite: an "
+                f"additive mask's finfo.min or -1e9) "
                 f"would give it a scale of {(hi - lo) / 255:.3g}. Keep the op that makes it and the ops that read it float: "
                 f"exclude=[{hint}] (a function in exclude= keeps every call of it float), or add the mask inside an "
                 "attention row (matmul [* s | / s] + mask -> softmax), which keeps it float by rule.")

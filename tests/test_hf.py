@@ -178,6 +178,27 @@ def test_sentinel_dominated_activation_raises():
         fxquant.quantize(_MaskOutsideAttention(), (x, mask), calib_data=[(x, mask)], progress=False)
 
 
+class _Loud(nn.Module):
+    """A conv-relu whose outputs reach millions (a deep random-init ResNet's do): large, but no sentinel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.conv.weight.mul_(1e6)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_large_range_without_a_sentinel_quantizes():
+    x = torch.randn(2, 3, 8, 8)
+    qmodel = fxquant.quantize(_Loud().eval(), x, calib_data=[x], progress=False)  # no FxQuantError
+    highs = [float(m.observer.max_val.max()) for m in fxquant.nn.fake_quants(qmodel) if not m.of_weight]
+    assert max(highs) >= 1e6  # the range really reaches a million
+    assert torch.isfinite(fxquant.convert(qmodel)(x)).all()
+
+
 def test_nothing_quantized_says_so():
     with pytest.raises(fxquant.FxQuantError, match="nothing to quantize"):
         fxquant.quantize(nn.Sequential(nn.LayerNorm(4)), torch.randn(2, 4), progress=False)

@@ -141,6 +141,7 @@ def exposed_to_pair_sums(rule: Rule, groups: int, in_channels: int, out_channels
 # row checks shared by tables: `(module_or_None, node) -> bool`
 
 SENTINEL = 1e6  # |x| at or above this: a mask's stand-in for -inf (finfo.min, -1e9), never a value to quantize
+SENTINEL_GAP = 1e3  # ... when an activation's minimum is that far below and this many times its maximum's magnitude
 
 
 def sentinel_operand(module, node) -> bool:
