@@ -168,19 +168,27 @@ def read_only_by(node, readers: tuple, through: tuple = ()) -> bool:
     """Every reader of `node`'s output, looking through the ops in `through` (ops that only move
     values), is one of `readers` (op keys); readers of its shape alone (dim, size) do not count.
     False for a value that leaves the graph."""
-    from fxquant.meta import KEY, op_key
+    from fxquant.meta import op_key
 
     gm, todo = node.graph.owning_module, [node]
     while todo:
         for user in todo.pop().users:
             key = op_key(gm, user)
-            if user.op != "output" and KEY in user.meta and user.meta[KEY].shape is None:
-                continue  # reads no values: x.dim(), x.size(), torch._assert
+            if _reads_shape_only(user):
+                continue  # reads no values: x.dim(), x.size(), x.shape
             if key in through:
                 todo.append(user)
             elif key not in readers:
                 return False
     return True
+
+
+def _reads_shape_only(user) -> bool:
+    """x.size(), x.dim(), x.numel(), x.shape / x.ndim: a reader of the shape, not of the values (a reader whose
+    output is merely not a tensor, like unbind's tuple, reads values)."""
+    if user.op == "call_method":
+        return user.target in ("size", "dim", "numel")
+    return user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "ndim", "dtype", "device")
 
 
 def _name(key) -> str:
