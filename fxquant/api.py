@@ -152,13 +152,16 @@ def _prepared(config: QuantConfig, pass_trace, model: nn.Module, example_inputs:
 
 @torch.no_grad()
 def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, progress: bool = True,
-              bias_correction: bool = False) -> fx.GraphModule:
+              bias_correction: bool = False, gptq: bool | None = None) -> fx.GraphModule:
     """PTQ: observe `calib_data` with fake-quant off, then freeze the ranges and turn fake-quant on.
 
     Each batch is a tensor or a tuple whose first `n_inputs` items are the model's inputs, so a
     DataLoader yielding (x, y) works as it is. `bias_correction=True` then shifts each layer's bias so
     its mean output per channel on `calib_data` is the float model's (fxquant.bias_correction; it reads
-    `calib_data` once more per layer, so pass a list or a DataLoader).
+    `calib_data` once more per layer, so pass a list or a DataLoader). `gptq=True` (None: the model's
+    QuantConfig.gptq) first rounds each layer's weight with GPTQ on `calib_data` (fxquant.gptq: Frantar et al.
+    2023; the scales stay as calibrated, so a portable file stays pair-sum safe; it reads `calib_data` once
+    more per layer).
     A model from quantize(model) that has not run yet is built first, its shapes from the first batch.
     """
     from tqdm.auto import tqdm
@@ -169,6 +172,13 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError(f"calibrate: expected the fake-quant GraphModule returned by fxquant.quantize(), got "
                            f"{type(qmodel).__name__}")
+    if gptq is None:
+        gptq = getattr(qmodel.meta.get(CONFIG_META), "gptq", False)
+    if gptq is not True and gptq is not False:
+        raise FxQuantError(f"gptq={gptq!r}: expected True, False or None (the model's QuantConfig.gptq)")
+    if (gptq or bias_correction) and iter(calib_data) is calib_data:
+        raise FxQuantError(f"calib_data: {'gptq' if gptq else 'bias_correction'} reads it once more per layer, and an "
+                           f"iterator ({type(calib_data).__name__}) can be read once; pass a list or a DataLoader")
     names = input_names(qmodel)
     n_inputs = n_inputs or len(names)
     was_training = qmodel.training
@@ -195,6 +205,10 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
         raise FxQuantError(f"calib_data never reached fake-quant nodes {missed}: feed inputs that exercise every branch")
     _refuse_sentinels(qmodel)
     set_fake_quant(qmodel, observe=False, enabled=True)
+    if gptq:
+        from fxquant.gptq import gptq as round_weights
+
+        round_weights(qmodel, calib_data, n_inputs=n_inputs, progress=progress)
     if bias_correction:
         from fxquant.bias_correction import correct_bias
 

@@ -29,8 +29,8 @@ import torch
 from torch import fx
 
 from fxquant.errors import FxQuantError
-from fxquant.inputs import batch_inputs
-from fxquant.nn import FakeQuantize, WeightedAct, fake_quants, set_fake_quant
+from fxquant.nn import WeightedAct, set_fake_quant
+from fxquant.per_layer import layer_by_layer
 
 
 class _Stop(Exception):
@@ -85,30 +85,12 @@ def correct_bias(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = N
     names of the corrected layers."""
     from tqdm.auto import tqdm
 
-    if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
-        raise FxQuantError("correct_bias: expected the fake-quant GraphModule returned by fxquant.quantize()")
-    uncalibrated = [name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and not m.calibrated]
-    if uncalibrated:
-        raise FxQuantError(f"correct_bias: fake-quant nodes {uncalibrated} have no range; calibrate first "
-                           "(fxquant.calibrate(qmodel, data, bias_correction=True) does both)")
-    n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
-    layers = correctable_layers(qmodel)
-
-    def batches():
-        return (batch_inputs(batch, n_inputs, i) for i, batch in enumerate(calib_data))
-
-    flags = [(fq, fq.observe, fq.enabled) for fq in fake_quants(qmodel)]
-    was_training = qmodel.training
-    qmodel.eval()
-    try:
+    with layer_by_layer(qmodel, calib_data, n_inputs=n_inputs, who="correct_bias", option="bias_correction") as batches:
+        layers = correctable_layers(qmodel)
         set_fake_quant(qmodel, observe=False, enabled=False)  # the float model
         float_means = _channel_means(qmodel, [m for _, m in layers], batches, stop=False)
         set_fake_quant(qmodel, enabled=True)
         for (_, m), target in tqdm(list(zip(layers, float_means)), desc="bias correction", disable=not progress, leave=False):
             (quant,) = _channel_means(qmodel, [m], batches, stop=True)
             m.output_bias.add_((target - quant).to(m.output_bias.dtype))
-    finally:
-        for fq, observe, enabled in flags:
-            fq.observe, fq.enabled = observe, enabled
-        qmodel.train(was_training)
     return [name for name, _ in layers]

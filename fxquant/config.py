@@ -90,6 +90,8 @@ class QuantConfig:
     concrete_args {forward argument: value} fixed while tracing
     smooth        SmoothQuant's alpha in (0, 1) for the Linear layers that read a GELU (passes/smooth_activations;
                   needs calib_data), or None
+    gptq          calibration rounds the weights with GPTQ (fxquant.gptq: each layer's output error on the
+                  calibration data, not each weight's own, is minimised; the scales stay as calibrated)
 
     Containers are stored as tuples (layer_bits and concrete_args as (key, value) pairs), so the
     value cannot change after it is validated; `as_kwargs()` gives them back as quantize() takes them.
@@ -108,12 +110,14 @@ class QuantConfig:
     leaf_modules: tuple = ()
     concrete_args: tuple | None = None
     smooth: float | None = None
+    gptq: bool = False
 
     def __post_init__(self):
         if not isinstance(self.backend, Backend) and self.backend not in BACKENDS:
             raise FxQuantError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         _check_bool("qat", self.qat)
         _check_bool("reduce_range", self.reduce_range)
+        _check_bool("gptq", self.gptq)
         check_bits("w_bits", self.w_bits)
         check_bits("a_bits", self.a_bits)
         _check_choice("fake_quant", self.fake_quant, FAKE_QUANTS)

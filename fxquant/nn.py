@@ -209,6 +209,10 @@ class WeightedAct:
         self._note_raised(self.weight_fq.scale.detach(), min_scale)
         return out
 
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) with which the eval forward quantizes `self.weight` (raised by bias_scale_floor)."""
+        return self.weight_fq.qparams(self.bias_scale_floor(self.bias))
+
     @torch.no_grad()
     def lowered(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, min_scale=None):
         """(w_int, w_scale, w_zero_point, float bias) that convert stores: `weight` (default: self.weight)
@@ -377,6 +381,15 @@ class BnFolded:
         if self.bias is not None:
             y = y + self._per_channel(self.bias)
         return self.bn(y)
+
+    def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) with which the eval / frozen forward quantizes `self.weight` (the commuting case:
+        the scales s' of the unfolded weight, see above)."""
+        if not self.commutes:
+            raise FxQuantError("weight_qparams: this weight spec folds the BatchNorm into the weight explicitly; "
+                               "the weight quantized is weight * k, not self.weight")
+        k, b_fold = self._bn_factors()
+        return self.weight_fq.qparams(self._unfolded_floor(k, self.bias_scale_floor(b_fold)))
 
     @torch.no_grad()
     def lowered(self, weight=None, bias=None):

@@ -167,8 +167,9 @@ def test_a_model_with_nothing_to_correct_is_left_as_it_is(calib):
 
 def test_a_generator_is_rejected_because_correction_reads_the_data_again(net, calib):
     qm = fxquant.quantize(net, calib[0][:1], progress=False)
-    with pytest.raises(FxQuantError, match=r"^calib_data: bias correction reads it once per corrected layer"):
+    with pytest.raises(FxQuantError, match=r"^calib_data: bias_correction reads it once more per layer.*generator"):
         fxquant.calibrate(qm, (x for x in calib), bias_correction=True, progress=False)
+    assert not any(fq.calibrated for fq in fxquant.nn.fake_quants(qm))  # refused before calibrating, not after
 
 
 def test_an_uncalibrated_model_is_rejected_naming_the_nodes(net, calib):

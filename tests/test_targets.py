@@ -234,3 +234,14 @@ def test_target_cost_table_adds_the_7_bit_activation_column():
     assert "| a | 30.0 | 33.5 | -3.5 | 31.0 | -2.5 |" in out and "| b | 31.0 | 34.0 | -3.0 | failed | failed |" in out
     assert "median difference -3.2 dB over 2 models" in out
     assert "median difference (portable, 7-bit activations) -2.5 dB over 1 models" in out
+
+
+def test_target_cost_table_orders_the_gptq_column_before_the_7_bit_one():
+    from fxquant.tools import target_cost
+
+    rows = {"portable": [{"model": "a", "sqnr_int8_db": 30.0}], "vnni": [{"model": "a", "sqnr_int8_db": 33.5}],
+            target_cost.A7: [{"model": "a", "sqnr_int8_db": 31.0}], target_cost.GPTQ: [{"model": "a", "sqnr_int8_db": 35.0}]}
+    out = target_cost.table(rows)
+    assert "| portable + GPTQ (dB) | that - vnni (dB) | portable at 7-bit activations, 8-bit weights (dB) |" in out
+    assert "| a | 30.0 | 33.5 | -3.5 | 35.0 | +1.5 | 31.0 | -2.5 |" in out
+    assert "median difference (portable + GPTQ) +1.5 dB over 1 models" in out

@@ -69,6 +69,7 @@ class Row:
     size: int
     target: str | None = None  # the onnxruntime backend's deployment target (None: its default, portable)
     a_bits: int = 8  # fxquant's activation width (7 on portable: the weights of the integer GEMMs stay 8-bit)
+    gptq: bool = False  # fxquant: weights rounded by GPTQ on the calibration batches (QuantConfig.gptq)
     traced: bool = False
     fused: bool = False
     quantized: str = ""  # ops claimed by a quantize row / all ops (fxquant); "" for torch.ao
@@ -167,7 +168,8 @@ def run_fxquant(row: Row, folder: str, sqnr_only: bool = False) -> None:
     trace: list = []
     start = time.perf_counter()
     try:
-        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target, a_bits=row.a_bits)
+        qmodel = fxquant.quantize(model, example, progress=False, pass_trace=trace, target=row.target, a_bits=row.a_bits,
+                                  gptq=row.gptq)
     finally:
         done = [p for p, _, _ in trace]
         row.traced, row.fused = "trace_model" in done, "fuse_modules" in done
@@ -224,12 +226,12 @@ def run_torch_ao(row: Row, folder: str) -> None:
 
 
 def _one(name: str, size: int, torch_ao: bool, threads: int, target: str | None = None, sqnr_only: bool = False,
-         a_bits: int = 8) -> Row:
+         a_bits: int = 8, gptq: bool = False) -> Row:
     """Run one model in this process; an exception becomes the row's error."""
     import torch
 
     torch.set_num_threads(threads)
-    row = Row(name, size, target, a_bits)
+    row = Row(name, size, target, a_bits, gptq)
     with tempfile.TemporaryDirectory(prefix="fxquant-coverage-") as folder:
         try:
             run_torch_ao(row, folder) if torch_ao else run_fxquant(row, folder, sqnr_only)
@@ -246,6 +248,7 @@ def _in_subprocess(name: str, size: int, args) -> Row:
     cmd += ["--target", target] if target else []
     cmd += ["--sqnr-only"] if getattr(args, "sqnr_only", False) else []
     cmd += ["--a-bits", str(args.a_bits)] if getattr(args, "a_bits", 8) != 8 else []
+    cmd += ["--gptq"] if getattr(args, "gptq", False) else []
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -339,10 +342,13 @@ def main(argv=None) -> int:
                         "(no export, no ONNX Runtime)")
     parser.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}",
                         help="fxquant's activation width (default 8)")
+    parser.add_argument("--gptq", action="store_true", help="fxquant: round the weights with GPTQ on the calibration "
+                        "batches (QuantConfig.gptq)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model here, print its row
     args = parser.parse_args(argv)
     if args.one:
-        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target, args.sqnr_only, args.a_bits)
+        row = _one(args.one, args.size or input_size(args.one), args.torch_ao, args.threads, args.target, args.sqnr_only, args.a_bits,
+                   args.gptq)
         print(MARKER + json.dumps(asdict(row)), flush=True)
         return 0
     names = [m for m in args.models.split(",") if m] if args.models else all_models()

@@ -53,6 +53,10 @@ INTERNAL = {
     ("fxquant.check", "EmulatedRuntime.run"): "the emulated ONNX Runtime process died between two calls",
     ("fxquant.qat", "assert_ranks_agree"): "needs torch.distributed ranks that disagree (a DDP bug)",
     ("fxquant.onnx.shape", "emit_pad"): "torch.nn.functional.pad itself accepts only the four modes the exporter exports",
+    ("fxquant.gptq", "_inverse_factor"): "H = X X^T + damp * mean(diag) * I is positive definite for finite X (dead "
+                                         "inputs get diag 1), and calibration refuses non-finite batches",
+    ("fxquant.nn", "BnFolded.weight_qparams"): "fxquant.gptq, its only caller, skips the folds that do not commute "
+                                               "(roundable_layers)",
     ("fxquant.mixed_precision", "solve"): "mixed_precision passes solve() one budget and widths that include float "
                                           "(always feasible); the errors guard a direct call of the solver",
 }

@@ -1,6 +1,7 @@
 """What the portable target costs in accuracy: the reference int8 model against float, per model, at each target.
 
-    python -m fxquant.tools.target_cost [--models a,b,...] [--sqnr-only] [--a7] [--json OUT] [--from-json PORTABLE.json VNNI.json]
+    python -m fxquant.tools.target_cost [--models a,b,...] [--sqnr-only] [--a7] [--gptq] [--json OUT]
+                                        [--from-json PORTABLE.json VNNI.json]
 
 Runs tools/coverage's row (random-init torchvision model, BatchNorms randomized, PTQ on random batches,
 each model in its own process) once with target="portable" (the default: 7-bit weights on the convs and
@@ -12,7 +13,10 @@ two `coverage --json` files (portable first) instead of running the models. `--s
 after that column (no export, no ONNX Runtime): the same figures, in a fraction of the time. `--a7` adds
 portable at a_bits=7: 7-bit activations leave room for 8-bit weights on every GEMM (2 * 127 * 127 <= 32767),
 the other way to pay for a pair-sum-safe layout; it measures the reference int8 model only (export_onnx refuses
-7-bit activations: ONNX's QuantizeLinear saturates to 8 or 4 bits).
+7-bit activations: ONNX's QuantizeLinear saturates to 8 or 4 bits). `--gptq` adds portable with GPTQ
+rounding (QuantConfig.gptq: each layer's weights rounded for its output error on the same calibration
+batches; the 7-bit grid and scales unchanged, so the file stays pair-sum safe): the way to win the bit back
+that keeps the portable file.
 """
 
 from __future__ import annotations
@@ -29,16 +33,21 @@ MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,reg
           "resnext50_32x4d,wide_resnet50_2,efficientnet_v2_s")
 TARGETS = ("portable", "vnni")
 A7 = "portable a7"  # --a7: portable at 7-bit activations, where 2 * 127 * 127 fits: every weight stays 8-bit
+GPTQ = "portable gptq"  # --gptq: portable with GPTQ rounding (fxquant.gptq)
+# variant: (target, a_bits, gptq, column title, name in its median line)
+VARIANTS = {"portable": ("portable", 8, False, "portable", ""), "vnni": ("vnni", 8, False, "8-bit vnni", ""),
+            GPTQ: ("portable", 8, True, "portable + GPTQ", " (portable + GPTQ)"),
+            A7: ("portable", 7, False, "portable at 7-bit activations, 8-bit weights", " (portable, 7-bit activations)")}
 
 
 def run(models: list[str], *, timeout: float = 1800, threads: int = 1, sqnr_only: bool = False,
-        a7: bool = False) -> dict[str, list[dict]]:
-    """{variant: [coverage row as a dict, ...]}: each target at 8-bit activations, and A7 when asked."""
+        a7: bool = False, gptq: bool = False) -> dict[str, list[dict]]:
+    """{variant: [coverage row as a dict, ...]}: each target at 8-bit activations, and A7 / GPTQ when asked."""
     out = {}
-    variants = [(t, t, 8) for t in TARGETS] + ([(A7, "portable", 7)] if a7 else [])
-    for key, target, a_bits in variants:
+    for key in [*TARGETS, *([GPTQ] if gptq else []), *([A7] if a7 else [])]:
+        target, a_bits, with_gptq = VARIANTS[key][:3]
         args = types.SimpleNamespace(threads=threads, torch_ao=False, target=target, timeout=timeout, sqnr_only=sqnr_only,
-                                     a_bits=a_bits)
+                                     a_bits=a_bits, gptq=with_gptq)
         out[key] = []
         for name in models:
             row = coverage._in_subprocess(name, coverage.input_size(name), args)
@@ -54,29 +63,29 @@ def _median(values: list[float]) -> float:
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    """Markdown: model, SQNR int8 vs float per target (and A7), the differences to vnni, and their medians."""
-    keys = [k for k in (*TARGETS, A7) if k in rows]
+    """Markdown: model, SQNR int8 vs float per variant, each one's difference to vnni, and their medians."""
+    keys = [k for k in VARIANTS if k in rows]
     by_key = {k: {r["model"]: r.get("sqnr_int8_db") for r in rows[k]} for k in keys}
     others = [k for k in keys if k != "vnni"]
-    titles = {"portable": "portable", A7: "portable, 7-bit activations"}
     head = ["model", "SQNR int8 vs float, portable (dB)", "8-bit vnni (dB)", "portable - vnni (dB)"]
-    head += ["portable at 7-bit activations, 8-bit weights (dB)", "that - vnni (dB)"] if A7 in keys else []
+    for k in others[1:]:
+        head += [f"{VARIANTS[k][3]} (dB)", "that - vnni (dB)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     deltas: dict[str, list[float]] = {k: [] for k in others}
     for name, portable in by_key["portable"].items():
         vnni = by_key["vnni"].get(name)
-        values = [portable, vnni]
+        db = lambda v, sign="": "failed" if v is None else f"{v:{sign}.1f}"  # noqa: E731 (differences signed)
+        cells = [db(portable), db(vnni)]
         for k in others:
             mine = by_key[k].get(name)
             delta = None if mine is None or vnni is None else mine - vnni
             deltas[k] += [delta] if delta is not None else []
-            values += [delta] if k == "portable" else [mine, delta]
-        cells = [coverage._fmt(v, " dB").replace(" dB", "") for v in values]
-        lines.append(f"| {name} | " + " | ".join(c or "failed" for c in cells) + " |")
+            cells += [db(delta, "+")] if k == "portable" else [db(mine), db(delta, "+")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for k in others:
         d = deltas[k]
         if d:
-            lines.append(f"\nmedian difference{'' if k == 'portable' else ' (' + titles[k] + ')'} {_median(d):+.1f} dB "
+            lines.append(f"\nmedian difference{VARIANTS[k][4]} {_median(d):+.1f} dB "
                          f"over {len(d)} models (min {min(d):+.1f}, max {max(d):+.1f})")
     return "\n".join(lines)
 
@@ -87,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write both targets' rows here")
     parser.add_argument("--from-json", nargs=2, metavar=("PORTABLE", "VNNI"), help="format two coverage --json files")
     parser.add_argument("--a7", action="store_true", help="also portable at 7-bit activations (8-bit weights everywhere)")
+    parser.add_argument("--gptq", action="store_true", help="also portable with GPTQ rounding (QuantConfig.gptq)")
     parser.add_argument("--sqnr-only", action="store_true", help="stop each row after SQNR int8 vs float (no export, no ORT)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model and target")
     args = parser.parse_args(argv)
@@ -97,7 +107,7 @@ def main(argv=None) -> int:
         unknown = sorted(set(names) - set(coverage.all_models()))
         if unknown:
             parser.error(f"--models: not torchvision classification models: {unknown}")
-        rows = run(names, timeout=args.timeout, sqnr_only=args.sqnr_only, a7=args.a7)
+        rows = run(names, timeout=args.timeout, sqnr_only=args.sqnr_only, a7=args.a7, gptq=args.gptq)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,211 @@
+"""GPTQ: weights rounded to minimise each layer's output error on calibration data, not each weight's own.
+
+Frantar, Ashkboos, Hoefler, Alistarh 2023, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (Algorithm 1, with the "act-order" column order of their reference code), the
+Optimal Brain Quantization update of Frantar & Alistarh 2022. Per layer, with its weight W (rows = output
+channels, columns = the K inputs one output reads: in_features, or in_channels/groups * kernel size) and
+the inputs X (K x n) the layer reads in the fake-quant model on the calibration data:
+
+    minimise ||W X - Q X||^2 over Q on the weight's grid,   H = X X^T / n + damp * mean(diag) * I
+
+column by column (largest diag(H) first): q = quant(w_j), then the columns not yet quantized absorb its
+error, W[:, rest] -= (w_j - q) / U[j, j] * U[j, rest], U the upper Cholesky factor of H^-1. Each weight
+still lands on the layer's own grid, the scales (from calibration) and clip range are not changed: a
+portable file stays pair-sum safe and `convert` / `export_onnx` store the integers GPTQ chose.
+
+Layers go in graph order, each reading inputs from the model with the layers before it rounded already
+(one pass over the calibration data per layer, stopped at that layer). A layer's weight is replaced by its
+dequantized integers (q - zero_point) * scale, so the fake-quant forward, `convert` and a checkpoint agree.
+
+Left as they are (round to nearest): layers kept float, 3-D convs, QAT layers whose BatchNorm fold does not
+commute with the weight fake-quant (per-tensor weights), layers with no calibrated input.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fxquant.errors import FxQuantError
+from fxquant.nn import BnFolded, ConvAct, LinearAct, WeightedAct, set_fake_quant
+from fxquant.per_layer import layer_by_layer
+
+DAMP = 0.01  # H + DAMP * mean(diag(H)) * I: the paper's dampening (keeps H^-1 stable when X is rank-deficient)
+BLOCK = 128  # columns updated lazily together (the paper's B): the result is the same, the updates are matmuls
+MAX_COLUMNS = 8192  # a wider layer (VGG's first classifier: 25,088 inputs) is rounded in equal chunks of at most
+# this many columns, each with its own block of H (H's off-diagonal blocks are dropped): H costs K^2 memory and
+# its factorisation K^3 time, 5 GB and minutes at 25,088
+
+
+class _Stop(Exception):
+    """Raised once a layer's inputs are recorded: the rest of the forward is not needed."""
+
+
+def roundable_layers(qmodel: fx.GraphModule) -> list[tuple[str, WeightedAct]]:
+    """(name, module) of every layer GPTQ rounds, in graph order, each once."""
+    seen, layers = set(), []
+    for node in qmodel.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        m = qmodel.get_submodule(node.target)
+        seen.add(node.target)
+        if (isinstance(m, (LinearAct, ConvAct)) and m.weight_fq is not None and m.weight_fq.enabled
+                and m.weight.dim() in (2, 3, 4) and (not isinstance(m, BnFolded) or m.commutes)):
+            layers.append((node.target, m))
+    return layers
+
+
+def _columns(module: WeightedAct, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as (groups, K, n): column i of group g is what one output of group g reads at one
+    position (a linear: one row of x; a conv: one im2col patch, ordered as weight[o].flatten())."""
+    x = x.detach().float()
+    if isinstance(module, LinearAct):
+        return x.reshape(-1, x.shape[-1]).T.unsqueeze(0)
+    if module.weight.dim() == 3:  # conv1d as a conv2d of height 1
+        x, kernel = x.unsqueeze(2), (1, *module.kernel_size)
+        stride, dilation = (1, *module.stride), (1, *module.dilation)
+        pad = [*module._reversed_padding_repeated_twice, 0, 0]
+    else:
+        kernel, stride, dilation, pad = module.kernel_size, module.stride, module.dilation, module._reversed_padding_repeated_twice
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C * kernel, L)
+    n, k, length = cols.shape
+    cols = cols.reshape(n, module.groups, k // module.groups, length)
+    return cols.permute(1, 2, 0, 3).reshape(module.groups, k // module.groups, n * length)
+
+
+def _chunked(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(groups, K, n) columns, or a (groups, rows, K) weight, as (groups * chunks, K / chunks, ...) with K
+    zero-padded to a multiple of `chunks` (see MAX_COLUMNS); unchanged when K <= MAX_COLUMNS."""
+    chunks = -(-k // MAX_COLUMNS)
+    if chunks == 1:
+        return t
+    width = -(-k // chunks)
+    if t.shape[1] == k:  # columns (groups, K, n)
+        t = F.pad(t, (0, 0, 0, chunks * width - k))
+        return t.reshape(t.shape[0] * chunks, width, t.shape[-1])
+    t = F.pad(t, (0, chunks * width - k)).reshape(t.shape[0], t.shape[1], chunks, width)  # weight (groups, rows, K)
+    return t.permute(0, 2, 1, 3).reshape(-1, t.shape[1], width)
+
+
+def _unchunked(q: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """The inverse of _chunked for a (groups * chunks, rows, width) weight: (groups, rows, K)."""
+    chunks = q.shape[0] // groups
+    if chunks == 1:
+        return q
+    q = q.reshape(groups, chunks, q.shape[1], q.shape[2]).permute(0, 2, 1, 3)
+    return q.reshape(groups, q.shape[1], -1)[..., :k]
+
+
+def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batches, stop: bool) -> tuple[torch.Tensor, int]:
+    """sum of X X^T over the calibration data (groups, K, K) in float64, and the number of columns n."""
+    acc = {"h": None, "n": 0}
+
+    def record(mod, args):
+        cols = _columns(mod, args[0])
+        cols = _chunked(cols, cols.shape[1])
+        h = (cols @ cols.transpose(1, 2)).double()
+        acc["h"] = h if acc["h"] is None else acc["h"] + h
+        acc["n"] += cols.shape[-1]
+        if stop:
+            raise _Stop
+
+    handle = module.register_forward_pre_hook(record)
+    try:
+        for inputs in batches():
+            try:
+                qmodel(*inputs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if acc["h"] is None:  # every call_module node runs on every forward: no batch came
+        raise FxQuantError(f"gptq: calib_data gave no batch (at layer {name!r}); pass a non-empty list or DataLoader of "
+                           "input batches (not a generator: GPTQ reads it once per layer)")
+    return acc["h"], acc["n"]
+
+
+def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """U, upper triangular with U^T U = (H + damp)^-1, per group (float32); dead inputs (diag 0) get diag 1.
+    With R the reversal of rows and columns and R H R = L L^T (Cholesky), U = R L^-1 R: one factorisation
+    and one triangular inverse. The dampening grows tenfold until the factorisation succeeds."""
+    h = h.clone()
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag[diag == 0] = 1.0
+    eye = torch.eye(h.shape[-1], dtype=torch.float32).expand_as(h)
+    damp = DAMP
+    for _ in range(6):
+        damped = (h + damp * diag.mean(-1)[:, None, None] * torch.eye(h.shape[-1], dtype=h.dtype)).float()
+        chol, info = torch.linalg.cholesky_ex(damped.flip(-1, -2))
+        if not bool(info.any()):
+            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(-1, -2)
+        damp *= 10
+    raise FxQuantError("gptq: the inputs' second-moment matrix is not positive definite even when damped "
+                       f"by {damp / 10:g} * mean(diag): are the calibration inputs finite?")
+
+
+def gptq_round(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               qmin: int, qmax: int) -> torch.Tensor:
+    """GPTQ's integers for `weight` (groups, rows, K) given H = sum X X^T (groups, K, K) and the grid
+    (scale, zero_point: per row (groups, rows, 1) or one value, qmin..qmax). Runs in float32 (as the paper's
+    code does). Returns float32 integers
+    (groups, rows, K): every one in [qmin, qmax] on the grid the fake-quant uses (round half to even)."""
+    w = weight.float().clone()
+    scale, zero_point = scale.float(), zero_point.float()
+    order = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # act-order
+    h = h.gather(1, order[:, :, None].expand_as(h)).gather(2, order[:, None, :].expand_as(h))
+    w = w.gather(2, order[:, None, :].expand_as(w))
+    u = _inverse_factor(h)
+    q = torch.empty_like(w)
+    k = w.shape[-1]
+    for start in range(0, k, BLOCK):
+        end = min(start + BLOCK, k)
+        err = torch.empty_like(w[..., start:end])
+        for j in range(start, end):
+            col = w[..., j:j + 1]
+            q[..., j:j + 1] = torch.clamp(torch.round(col / scale) + zero_point, qmin, qmax)
+            e = (col - (q[..., j:j + 1] - zero_point) * scale) / u[:, None, j:j + 1, j]
+            w[..., j:end] -= e * u[:, None, j, j:end]
+            err[..., j - start:j - start + 1] = e
+        w[..., end:] -= err @ u[:, start:end, end:]
+    return torch.empty_like(q).scatter_(2, order[:, None, :].expand_as(q), q)
+
+
+def _round_layer(module: WeightedAct, h: torch.Tensor) -> None:
+    """Replace module.weight by GPTQ's integers dequantized on its own grid (h: from _layer_hessian)."""
+    scale, zero_point = module.weight_qparams()
+    spec = module.weight_fq.spec
+    weight = module.weight.detach()
+    groups = module.groups if isinstance(module, ConvAct) else 1
+    rows, k = weight.shape[0] // groups, weight[0].numel()
+    chunks = h.shape[0] // groups
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # (groups * chunks, rows, 1), or one value
+        if not t.dim():
+            return t.float()
+        return t.float().reshape(groups, 1, rows, 1).expand(groups, chunks, rows, 1).reshape(-1, rows, 1)
+
+    q = gptq_round(_chunked(weight.reshape(groups, rows, k), k), h, per_row(scale), per_row(zero_point), spec.qmin, spec.qmax)
+    dequantized = _unchunked((q - per_row(zero_point)) * per_row(scale), groups, k)
+    module.weight.data.copy_(dequantized.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def gptq(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, progress: bool = True) -> list[str]:
+    """Round every eligible layer's weight with GPTQ (see the module docstring), in place. `qmodel` must be
+    calibrated (its weight scales are kept); its flags and train/eval mode are kept. Returns the names of
+    the rounded layers."""
+    from tqdm.auto import tqdm
+
+    with layer_by_layer(qmodel, calib_data, n_inputs=n_inputs, who="gptq", option="gptq") as batches:
+        calls = Counter(n.target for n in qmodel.graph.nodes if n.op == "call_module")
+        layers = roundable_layers(qmodel)
+        set_fake_quant(qmodel, observe=False)
+        for name, m in tqdm(layers, desc="gptq", disable=not progress, leave=False):
+            h, _ = _layer_hessian(qmodel, name, m, batches, stop=calls[name] == 1)
+            _round_layer(m, h)
+    return [name for name, _ in layers]

@@ -1,0 +1,38 @@
+"""What bias correction and GPTQ share: a calibrated fake-quant model, read layer by layer on calibration data."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import fx
+
+from fxquant.errors import FxQuantError
+from fxquant.inputs import batch_inputs
+from fxquant.nn import FakeQuantize, fake_quants
+
+
+@contextmanager
+def layer_by_layer(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None, who: str, option: str):
+    """Check that `qmodel` is a calibrated fake-quant model, put it in eval mode and yield `batches`, a function
+    returning a fresh iterator over the model's inputs in `calib_data`; the fake-quant flags and the train /
+    eval mode are restored afterwards. `who` and `option` (calibrate's keyword) name the caller in errors."""
+    if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
+        raise FxQuantError(f"{who}: expected the fake-quant GraphModule returned by fxquant.quantize()")
+    uncalibrated = [name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and not m.calibrated]
+    if uncalibrated:
+        raise FxQuantError(f"{who}: fake-quant nodes {uncalibrated} have no range; calibrate first "
+                           f"(fxquant.calibrate(qmodel, data, {option}=True) does both)")
+    n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
+
+    def batches():
+        return (batch_inputs(batch, n_inputs, i) for i, batch in enumerate(calib_data))
+
+    flags = [(fq, fq.observe, fq.enabled) for fq in fake_quants(qmodel)]
+    was_training = qmodel.training
+    qmodel.eval()
+    try:
+        yield batches
+    finally:
+        for fq, observe, enabled in flags:
+            fq.observe, fq.enabled = observe, enabled
+        qmodel.train(was_training)
