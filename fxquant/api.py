@@ -108,6 +108,9 @@ def quantize(model: nn.Module, example_inputs=NOT_GIVEN, config: QuantConfig | N
     observes).
     `layer_bits` maps module names (or a parent's) to (w_bits, a_bits): that layer's weight, the
     activations it reads, and its output if nothing quantized reads it, e.g. {"fc": (8, 8)}.
+    `gptq=True` makes calibration round the weights with GPTQ (fxquant.gptq: Frantar et al. 2023), layer by
+    layer for the output error on `calib_data`, on the calibrated scales: what wins back the portable target's
+    7-bit weights. It reads `calib_data` once more per layer (a list or a DataLoader, not a generator).
     """
     if not isinstance(model, nn.Module):
         raise FxQuantError(f"model: expected an nn.Module, got {type(model).__name__}")

@@ -23,6 +23,7 @@ commute with the weight fake-quant (per-tensor weights), layers with no calibrat
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -35,6 +36,7 @@ from fxquant.per_layer import layer_by_layer
 
 DAMP = 0.01  # H + DAMP * mean(diag(H)) * I: the paper's dampening (keeps H^-1 stable when X is rank-deficient)
 BLOCK = 128  # columns updated lazily together (the paper's B): the result is the same, the updates are matmuls
+COLUMN_ELEMENTS = 2**25  # im2col columns are built this many elements at a time (128 MB of float32)
 MAX_COLUMNS = 8192  # a wider layer (VGG's first classifier: 25,088 inputs) is rounded in equal chunks of at most
 # this many columns, each with its own block of H (H's off-diagonal blocks are dropped): H costs K^2 memory and
 # its factorisation K^3 time, 5 GB and minutes at 25,088
@@ -106,11 +108,14 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
     acc = {"h": None, "n": 0}
 
     def record(mod, args):
-        cols = _columns(mod, args[0])
-        cols = _chunked(cols, cols.shape[1])
-        h = (cols @ cols.transpose(1, 2)).double()
-        acc["h"] = h if acc["h"] is None else acc["h"] + h
-        acc["n"] += cols.shape[-1]
+        x = args[0]
+        im2col = math.prod(mod.kernel_size) if isinstance(mod, ConvAct) else 1  # a conv's columns repeat each input
+        for part in x.split(max(1, COLUMN_ELEMENTS // max(1, x[:1].numel() * im2col))):  # samples, a slice at a time
+            cols = _columns(mod, part)
+            cols = _chunked(cols, cols.shape[1])
+            h = (cols @ cols.transpose(1, 2)).double()
+            acc["h"] = h if acc["h"] is None else acc["h"] + h
+            acc["n"] += cols.shape[-1]
         if stop:
             raise _Stop
 

@@ -190,3 +190,19 @@ def test_gptq_on_a_qat_model_rounds_folded_layers_and_keeps_the_flags(net, calib
     conv1 = dict(roundable_layers(rounded))["conv1"]
     assert isinstance(conv1, BnFolded)  # the BN fold commutes with per-channel weights: GPTQ rounds the unfolded weight
     assert not torch.equal(conv1.weight, plain.get_submodule("conv1").weight)
+
+
+def test_slicing_the_columns_changes_nothing_and_chunking_wide_layers_still_helps(net, calib, monkeypatch):
+    import fxquant.gptq as gptq_module
+
+    whole = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+    monkeypatch.setattr(gptq_module, "COLUMN_ELEMENTS", 1000)  # im2col one sample at a time: the same H, the same integers
+    sliced = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), sliced.parameters()))
+    monkeypatch.setattr(gptq_module, "MAX_COLUMNS", 100)  # fc1 (512 inputs) in 6 chunks of 86 (zero-padded to 516)
+    chunked = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+    rtn = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False)
+    errors = {name: _layer_errors(m, net, calib)["fc1"] for name, m in (("rtn", rtn), ("chunked", chunked), ("whole", whole))}
+    assert errors["whole"] < errors["chunked"] < errors["rtn"]
+    fc1 = chunked.get_submodule("fc1")
+    assert torch.equal(fc1.weight, fc1.quant_weight())

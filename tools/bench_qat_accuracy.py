@@ -3,6 +3,7 @@
     python -m fxquant.tools.bench_qat_accuracy            # the README table (a few minutes on 2 cores)
     python -m fxquant.tools.bench_qat_accuracy --quick    # a smoke run: 1 seed, 1,000 digits, 1 epoch each
     python -m fxquant.tools.bench_qat_accuracy --no-bias-correction   # fxquant's PTQ rows without it
+    python -m fxquant.tools.bench_qat_accuracy --gptq     # fxquant's PTQ rows round their weights with GPTQ
     python -m fxquant.tools.bench_qat_accuracy --seeds 10 11 12 13 14 15 16 17 18 19 [--w4a8-lsq]
                                                           # how fxquant's W4A8 QAT recipe was chosen
     python -m fxquant.tools.bench_qat_accuracy --rows "PTQ W4A8" "QAT W4A8" --seeds $(seq 0 19)
@@ -129,11 +130,12 @@ def _freeze_steps(data, epochs: int) -> tuple[int, int]:
 # ---------------------------------------------------------------- fxquant
 
 
-def fxquant_ptq(model, example, calib, w_bits, a_bits, bias_correction: bool = True):
+def fxquant_ptq(model, example, calib, w_bits, a_bits, bias_correction: bool = True, gptq: bool = False):
     """observer="mse" (the counterpart of torch.ao's HistogramObserver, which also minimises the L2 error),
-    then empirical bias correction on the calibration batches, the same at every bit width."""
+    then (`gptq`) GPTQ rounding and empirical bias correction on the calibration batches, the same at every
+    bit width."""
     qmodel = fxquant.quantize(model, example, w_bits=w_bits, a_bits=a_bits, observer="mse", progress=False)
-    fxquant.calibrate(qmodel, calib, bias_correction=bias_correction, progress=False)
+    fxquant.calibrate(qmodel, calib, bias_correction=bias_correction, gptq=gptq, progress=False)
     return fxquant.convert(qmodel)
 
 
@@ -247,7 +249,7 @@ ROW_NAMES = tuple(name for name, _, _ in ROWS) + (TUNED,)
 
 
 def run_seed(seed: int, *, quick: bool, bias_correction: bool = True, w4a8_lsq: bool = False, rows=None,
-             echo=print) -> dict[str, dict[str, float]]:
+             echo=print, gptq: bool = False) -> dict[str, dict[str, float]]:
     """The rows named in `rows` (None: every row) for one seed (split, initialisation, batch order), always
     with the FP32 model they start from: {row: {"fxquant": %, "torch.ao": %}}."""
     torch.manual_seed(seed)
@@ -266,7 +268,7 @@ def run_seed(seed: int, *, quick: bool, bias_correction: bool = True, w4a8_lsq: 
         if rows is not None and name not in rows:
             continue
         if name.startswith("PTQ"):
-            pair = fxquant_ptq(model, example, calib, w, a, bias_correction), torch_ao_ptq(model, example, calib, w, a)
+            pair = fxquant_ptq(model, example, calib, w, a, bias_correction, gptq), torch_ao_ptq(model, example, calib, w, a)
         else:
             args = (model, example, calib, w, a, data, qat_epochs, seed + 1)
             pair = fxquant_qat(*args, bias_correction, w4a8_lsq), torch_ao_qat(*args)
@@ -294,10 +296,10 @@ def paired(differences: list[float]) -> dict:
 
 
 def run(*, quick: bool = False, seeds=(0, 1, 2, 3, 4), bias_correction: bool = True, w4a8_lsq: bool = False,
-        rows=None, echo=print) -> dict:
+        rows=None, echo=print, gptq: bool = False) -> dict:
     start = time.perf_counter()
     per_seed = {seed: run_seed(seed, quick=quick, bias_correction=bias_correction, w4a8_lsq=w4a8_lsq, rows=rows,
-                               echo=echo) for seed in seeds}
+                               echo=echo, gptq=gptq) for seed in seeds}
     names = per_seed[seeds[0]]
     mean = {row: {lib: sum(per_seed[s][row][lib] for s in seeds) / len(seeds) for lib in LIBS} for row in names}
     spread = {row: {lib: [min(per_seed[s][row][lib] for s in seeds), max(per_seed[s][row][lib] for s in seeds)]
@@ -308,7 +310,7 @@ def run(*, quick: bool = False, seeds=(0, 1, 2, 3, 4), bias_correction: bool = T
     float_epochs, qat_epochs = (1, 1) if quick else (FLOAT_EPOCHS, QAT_EPOCHS)
     return {"mean": mean, "range": spread, "paired": pairs, "per_seed": per_seed, "seeds": list(seeds),
             "n_train": n_train, "n_test": n_test, "float_epochs": float_epochs, "qat_epochs": qat_epochs,
-            "quick": quick, "bias_correction": bias_correction, "w4a8_lsq": w4a8_lsq,
+            "quick": quick, "bias_correction": bias_correction, "w4a8_lsq": w4a8_lsq, "gptq": gptq,
             "wall_s": time.perf_counter() - start, "targets": targets(mean)}
 
 
@@ -339,7 +341,8 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append(f"accuracy (%) on {report['n_test']} held-out digits, mean (min-max) over seeds {report['seeds']}; "
                  f"trained on {report['n_train']}, {report['float_epochs']} float + {report['qat_epochs']} QAT epochs, "
-                 f"{report['wall_s']:.0f} s; fxquant PTQ {'with' if report['bias_correction'] else 'without'} bias correction; "
+                 f"{report['wall_s']:.0f} s; fxquant PTQ {'with' if report['bias_correction'] else 'without'} bias correction"
+                 f"{', with GPTQ rounding' if report.get('gptq') else ''}; "
                  f"fxquant QAT W4A8 {'LSQ' if report['w4a8_lsq'] else 'STE, MSE ranges'}")
     lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in report["targets"].items()]
     lines += ["", "| row | fxquant - torch.ao, mean (points) | 95 % t interval | wins / losses / ties | sign test p |",
@@ -356,6 +359,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bias-correction", action="store_true", help="fxquant's PTQ rows without bias correction")
+    p.add_argument("--gptq", action="store_true", help="fxquant's PTQ rows round their weights with GPTQ (QuantConfig.gptq)")
     p.add_argument("--w4a8-lsq", action="store_true", help="fxquant's QAT W4A8 with LSQ, the recipe the STE with MSE ranges replaced")
     p.add_argument("--rows", nargs="+", metavar="ROW", help=f"run only these rows (and FP32), of: {', '.join(ROW_NAMES[1:])}")
     p.add_argument("--json", help="write the figures here")
@@ -365,7 +369,8 @@ def main(argv=None) -> dict:
         p.error(f"--rows: unknown rows {unknown}; the rows are {', '.join(repr(r) for r in ROW_NAMES[1:])}")
     torch.set_num_threads(args.threads)
     report = run(quick=args.quick, seeds=tuple(args.seeds[:1] if args.quick else args.seeds),
-                 bias_correction=not args.no_bias_correction, w4a8_lsq=args.w4a8_lsq, rows=args.rows)
+                 bias_correction=not args.no_bias_correction, w4a8_lsq=args.w4a8_lsq, rows=args.rows,
+                 gptq=args.gptq)
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -30,7 +30,10 @@ widens to int32) and the u8 x u8 matmul of two activations (attention: U8U8 wide
     portable (default)  every x86 ISA and ARM: a pair_sums row stores weights with 2 * 255 * max|w| <=
                         32767, i.e. 7 bits [-63, 63] at 8-bit activations (8 bits at a_bits <= 7, where
                         2 * 127 * 127 fits), and full 8 bits on every other row (depthwise conv, the
-                        activation matmuls). It costs one bit on those weights only.
+                        activation matmuls). It costs one bit on those weights only; `gptq=True`
+                        (fxquant.gptq) rounds them for each layer's output error instead of each weight's,
+                        on the same 7-bit grid, which wins that bit back on the models measured (README,
+                        "What the portable target costs in accuracy", tools/target_cost --gptq).
     vnni                full 8-bit weights everywhere: exact where the CPU has AVX-VNNI / AVX512-VNNI
                         (vpdpbusd adds in int32) and on Arm (NEON and dot-product kernels accumulate in
                         int32: measured as cortex-a72 and neoverse-n1 under qemu-aarch64, tests/test_targets.py);
