@@ -103,9 +103,9 @@ def _unchunked(q: torch.Tensor, groups: int, k: int) -> torch.Tensor:
     return q.reshape(groups, q.shape[1], -1)[..., :k]
 
 
-def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batches, stop: bool) -> tuple[torch.Tensor, int]:
-    """sum of X X^T over the calibration data (groups, K, K) in float64, and the number of columns n."""
-    acc = {"h": None, "n": 0}
+def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batches, stop: bool) -> torch.Tensor:
+    """H, the layer's inputs' second moments X X^T / n (groups, K, K), shrunk towards their diagonal (_shrunk)."""
+    acc = {"h": 0.0, "h2": 0.0, "n": 0}
 
     def record(mod, args):
         x = args[0]
@@ -113,8 +113,9 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
         for part in x.split(max(1, COLUMN_ELEMENTS // max(1, x[:1].numel() * im2col))):  # samples, a slice at a time
             cols = _columns(mod, part)
             cols = _chunked(cols, cols.shape[1])
-            h = (cols @ cols.transpose(1, 2)).double()
-            acc["h"] = h if acc["h"] is None else acc["h"] + h
+            squares = cols * cols
+            acc["h"] = acc["h"] + (cols @ cols.transpose(1, 2)).double()
+            acc["h2"] = acc["h2"] + (squares @ squares.transpose(1, 2)).double()
             acc["n"] += cols.shape[-1]
         if stop:
             raise _Stop
@@ -128,10 +129,31 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
                 pass
     finally:
         handle.remove()
-    if acc["h"] is None:  # every call_module node runs on every forward: no batch came
+    if not acc["n"]:  # every call_module node runs on every forward: no batch came
         raise FxQuantError(f"gptq: calib_data gave no batch (at layer {name!r}); pass a non-empty list or DataLoader of "
                            "input batches (not a generator: GPTQ reads it once per layer)")
-    return acc["h"], acc["n"]
+    return _shrunk(acc["h"], acc["h2"], acc["n"])
+
+
+def _shrunk(h: torch.Tensor, h2: torch.Tensor, n: int) -> torch.Tensor:
+    """S = H / n with its off-diagonal entries shrunk by lambda, per group: Schaefer & Strimmer 2005 ("A
+    Shrinkage Approach to Large-Scale Covariance Matrix Estimation", target D: the diagonal kept as it is),
+
+        lambda = sum_{i != j} Var(s_ij) / sum_{i != j} s_ij^2,  clipped to [0, 1],
+        Var(s_ij) = (sum_k x_ki^2 x_kj^2 - n s_ij^2) / (n (n - 1))   (the variance of a mean of n terms)
+
+    from h = sum x x^T and h2 = sum (x*x)(x*x)^T. With few columns for a wide layer (a classifier's K = 512
+    inputs on a few calibration images) S's off-diagonal is mostly noise and GPTQ fitted to it rounds worse
+    than nearest on new data; lambda -> 1 there, and a diagonal H makes GPTQ round to nearest (no error
+    propagates). With many columns (a conv's im2col patches) lambda -> 0: plain GPTQ."""
+    s = h / n
+    if n < 2:
+        return torch.diag_embed(torch.diagonal(s, dim1=-2, dim2=-1))
+    off = 1.0 - torch.eye(s.shape[-1], dtype=s.dtype)
+    var = (h2 - n * s * s) / (n * (n - 1))
+    spread = (s * s * off).sum((-2, -1))
+    lam = torch.where(spread > 0, (var * off).sum((-2, -1)) / spread.clamp(min=1e-300), 1.0).clamp(0.0, 1.0)
+    return s * (1.0 - lam[:, None, None] * off)
 
 
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
@@ -211,6 +233,5 @@ def gptq(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, pro
         layers = roundable_layers(qmodel)
         set_fake_quant(qmodel, observe=False)
         for name, m in tqdm(layers, desc="gptq", disable=not progress, leave=False):
-            h, _ = _layer_hessian(qmodel, name, m, batches, stop=calls[name] == 1)
-            _round_layer(m, h)
+            _round_layer(m, _layer_hessian(qmodel, name, m, batches, stop=calls[name] == 1))
     return [name for name, _ in layers]

@@ -22,10 +22,11 @@ def layer_by_layer(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None, 
     if uncalibrated:
         raise FxQuantError(f"{who}: fake-quant nodes {uncalibrated} have no range; calibrate first "
                            f"(fxquant.calibrate(qmodel, data, {option}=True) does both)")
-    n_inputs = n_inputs or sum(n.op == "placeholder" for n in qmodel.graph.nodes)
+    names = [n.target for n in qmodel.graph.nodes if n.op == "placeholder"]  # a dict batch is read by name
+    n_inputs = n_inputs or len(names)
 
     def batches():
-        return (batch_inputs(batch, n_inputs, i) for i, batch in enumerate(calib_data))
+        return (batch_inputs(batch, n_inputs, i, names) for i, batch in enumerate(calib_data))
 
     flags = [(fq, fq.observe, fq.enabled) for fq in fake_quants(qmodel)]
     was_training = qmodel.training

@@ -206,3 +206,68 @@ def test_slicing_the_columns_changes_nothing_and_chunking_wide_layers_still_help
     assert errors["whole"] < errors["chunked"] < errors["rtn"]
     fc1 = chunked.get_submodule("fc1")
     assert torch.equal(fc1.weight, fc1.quant_weight())
+
+
+def test_dict_batches_are_read_by_input_name():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(8, 32), nn.Linear(4, 32), nn.Linear(32, 3)
+
+        def forward(self, img, meta):
+            return self.head(F.relu(self.a(img) + self.b(meta)))
+
+    torch.manual_seed(0)
+    calib = [{"meta": torch.randn(16, 4), "img": torch.randn(16, 8)} for _ in range(4)]  # keys in another order
+    model = TwoInputs().eval()
+    rounded = fxquant.quantize(model, calib[0], progress=False, gptq=True)
+    fxquant.calibrate(rounded, calib, bias_correction=True, progress=False)  # both per-layer passes read dicts
+    layers = dict(roundable_layers(rounded))
+    assert set(layers) == {"a", "b", "head"} and all(torch.equal(m.weight, m.quant_weight()) for m in layers.values())
+
+
+def test_shrinkage_is_closer_to_the_true_second_moments_and_ends_at_the_diagonal():
+    from fxquant.gptq import _shrunk
+
+    k, g = 32, torch.Generator().manual_seed(0)
+    mix = torch.randn(k, k, generator=g, dtype=torch.float64) / k**0.5
+    truth = mix @ mix.T  # E[x x^T] of x = mix @ z, z standard normal
+    raw_errors, shrunk_errors = [], []
+    for _ in range(20):
+        x = mix @ torch.randn(k, 16, generator=g, dtype=torch.float64)  # 16 samples of 32 inputs: S is rank 16
+        h, h2 = (x @ x.T)[None], ((x * x) @ (x * x).T)[None]
+        raw_errors.append(float(torch.linalg.norm(h[0] / 16 - truth)))
+        shrunk_errors.append(float(torch.linalg.norm(_shrunk(h, h2, 16)[0] - truth)))
+    assert sum(shrunk_errors) < 0.9 * sum(raw_errors)
+    one = torch.randn(k, 1, generator=g, dtype=torch.float64)
+    single = _shrunk((one @ one.T)[None], ((one * one) @ (one * one).T)[None], 1)[0]
+    assert torch.equal(single, torch.diag(torch.diagonal(one @ one.T)))  # one sample: nothing but the diagonal
+    many = mix @ torch.randn(k, 100_000, generator=g, dtype=torch.float64)
+    h = (many @ many.T)[None]
+    shrunk = _shrunk(h, ((many * many) @ (many * many).T)[None], 100_000)[0]
+    assert torch.allclose(shrunk, h[0] / 100_000, rtol=0.02, atol=1e-3)  # plenty of samples: S as it is
+
+
+def test_few_calibration_rows_do_not_make_a_linear_worse_on_new_data(monkeypatch):
+    """An MLP calibrated on 32 rows of 64 inputs: without shrinkage GPTQ fits the sample's noise and loses to
+    round-to-nearest on held-out rows (measured: -0.1 to -0.4 dB on seeds 0-2); with it, it does not lose."""
+    import fxquant.gptq as gptq_module
+
+    def sqnr(ref, out):
+        return float(10 * torch.log10((ref**2).sum() / ((ref - out) ** 2).sum()))
+
+    held_out = torch.randn(512, 64, generator=torch.Generator().manual_seed(99))
+    gains, estimators = {"shrunk": [], "raw": []}, {"shrunk": gptq_module._shrunk, "raw": lambda h, h2, n: h / n}
+    for seed in range(3):
+        torch.manual_seed(seed)
+        mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+        calib = [torch.randn(32, 64, generator=torch.Generator().manual_seed(seed + 7))]
+        with torch.no_grad():
+            ref = mlp(held_out)
+            rtn = sqnr(ref, fxquant.quantize(mlp, calib[0][:1], calib_data=calib, progress=False)(held_out))
+            for label in gains:
+                monkeypatch.setattr(gptq_module, "_shrunk", estimators[label])
+                q = fxquant.quantize(mlp, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+                gains[label].append(sqnr(ref, q(held_out)) - rtn)
+    assert sum(gains["raw"]) < 0  # the failure the shrinkage is for (the test would not see it otherwise)
+    assert sum(gains["shrunk"]) >= 0 and sum(gains["shrunk"]) > sum(gains["raw"])
