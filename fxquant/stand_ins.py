@@ -14,7 +14,8 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.hf import hf_stand_in
 from fxquant.meta import matches_names
-from fxquant.traceable import TracedMultiheadAttention, TracedWindowAttention, swin_attention
+from fxquant.traceable import (TracedMultiheadAttention, TracedTransformerEncoder, TracedTransformerEncoderLayer,
+                               TracedWindowAttention, swin_attention)
 
 STAND_INS: dict = {}  # module type -> make(module) -> stand-in or None: register_stand_in fills it
 
@@ -41,6 +42,11 @@ def register_stand_in(module_type: type, make) -> None:
 def _builtin_stand_in(module: nn.Module) -> nn.Module | None:
     if type(module) is nn.MultiheadAttention and module.bias_k is None and not module.add_zero_attn:
         return TracedMultiheadAttention(module)
+    if type(module) is nn.TransformerEncoderLayer:
+        attention = stand_in(module.self_attn)
+        return TracedTransformerEncoderLayer(module, attention) if attention is not None else None
+    if type(module) is nn.TransformerEncoder:
+        return TracedTransformerEncoder(module, [stand_in(layer) or layer for layer in module.layers])
     v2 = swin_attention(module)
     if v2 is not None:
         return TracedWindowAttention(module, v2)

@@ -14,6 +14,10 @@ The user's model is not modified: the modules on the path to a swapped module ar
 A call the stand-in does not cover (masks, causal attention) raises `NotDecomposable` while
 tracing, and trace_model keeps that attention whole (a float leaf) instead.
 
+nn.TransformerEncoderLayer and nn.TransformerEncoder get `TracedTransformerEncoderLayer` / `TracedTransformerEncoder`:
+their own slow path (post- or pre-norm; each layer in turn, then the norm), the attention as above; their fused
+fast path is chosen by checks on tensor flags that do not trace.
+
 torchvision's Swin attention (ShiftedWindowAttention, and V2's cosine attention) gets
 `TracedWindowAttention`: windows hold a (wh, ww) patch of tokens, the attention runs per window,
 and the bookkeeping whose sizes depend on the input's H, W stays in small `FloatLeaf` modules
@@ -94,6 +98,51 @@ class TracedMultiheadAttention(nn.Module):
         if not need_weights:
             return out, None
         return out, attn.mean(dim=1) if average_attn_weights else attn
+
+
+class TracedTransformerEncoderLayer(nn.Module):
+    """nn.TransformerEncoderLayer without its fused fast path, whose eligibility checks (tensor flags, the
+    attention's in_proj_bias) do not trace: the computation of its own slow path, post-norm
+        x = norm1(x + dropout1(self_attn(x))),  x = norm2(x + dropout2(linear2(dropout(act(linear1(x))))))
+    or pre-norm (norm_first) x = x + sa(norm1(x)), x = x + ff(norm2(x)), with the attention as
+    TracedMultiheadAttention. Masks and is_causal raise NotDecomposable (the layer stays whole)."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer, attention: TracedMultiheadAttention):
+        super().__init__()
+        self.self_attn, self.norm_first, self.activation = attention, layer.norm_first, layer.activation
+        for name in ("linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
+            setattr(self, name, getattr(layer, name))
+
+    def _sa(self, x):
+        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+
+    def _ff(self, x):
+        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if src_mask is not None or src_key_padding_mask is not None or is_causal:
+            raise NotDecomposable("attention masks and is_causal are not decomposed; the layer stays whole")
+        if self.norm_first:
+            src = src + self._sa(self.norm1(src))
+            return src + self._ff(self.norm2(src))
+        src = self.norm1(src + self._sa(src))
+        return self.norm2(src + self._ff(src))
+
+
+class TracedTransformerEncoder(nn.Module):
+    """nn.TransformerEncoder without its nested-tensor fast path: each layer (its stand-in where it has one),
+    then the optional norm. Masks and is_causal raise NotDecomposable (the encoder stays whole)."""
+
+    def __init__(self, encoder: nn.TransformerEncoder, layers: list[nn.Module]):
+        super().__init__()
+        self.layers, self.norm = nn.ModuleList(layers), encoder.norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+        if mask is not None or src_key_padding_mask is not None or is_causal:
+            raise NotDecomposable("attention masks and is_causal are not decomposed; the encoder stays whole")
+        for layer in self.layers:
+            src = layer(src)
+        return src if self.norm is None else self.norm(src)
 
 
 class FloatLeaf(nn.Module):

@@ -266,6 +266,53 @@ def test_attention_onnx_matches_the_reference_at_another_batch(tmp_path):
     assert got.max_steps <= 1 + 1e-4 and got.within_one_step >= 0.999 and got.top1 == 1.0, got
 
 
+@pytest.mark.parametrize("options", [{"batch_first": True}, {"batch_first": False}, {"batch_first": True, "norm_first": True},
+                                     {"batch_first": True, "activation": "gelu"}, {"batch_first": True, "activation": nn.GELU()}],
+                         ids=["post_norm", "sequence_first", "pre_norm", "gelu", "gelu_module"])
+def test_transformer_encoder_layer_stand_in_computes_what_torch_does(options):
+    layer, x = nn.TransformerEncoderLayer(16, 4, 32, **options).eval(), _images(3, 5, 16)
+    gm = trace_model(layer, example_inputs=(x,))
+    linears = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
+    assert linears == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2"]
+    with torch.no_grad():  # torch runs its fused fast path here: the stand-in is checked against it
+        torch.testing.assert_close(gm(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+class Encoder(nn.Module):
+    def __init__(self, masked=False):
+        super().__init__()
+        self.embed, self.head, self.masked = nn.Linear(8, 16), nn.Linear(16, 3), masked
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
+
+    def forward(self, x):  # (N, L, 8)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.masked else None
+        return self.head(self.encoder(self.embed(x), mask=mask).mean(1))
+
+
+def test_transformer_encoder_quantizes_every_linear_and_matches_onnx_runtime(tmp_path):
+    x = _images(2, 5, 8)
+    qmodel = _ptq(Encoder(), x)
+    rep = fxquant.report(qmodel)
+    quantized = {o.name for o in rep.quantized}
+    for i in (0, 1):
+        for proj in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "linear1", "linear2"):
+            assert f"encoder_layers_{i}_{proj}" in quantized
+    assert rep.leaves == ()
+    got = _ort_vs_reference(qmodel, tmp_path / "encoder.onnx", x, _images(4, 5, 8, seed=4))
+    assert got.max_steps <= 1 + 1e-4 and got.top1 == 1.0, got
+
+
+def test_masked_transformer_encoder_stays_a_reported_leaf():
+    model, x = Encoder(masked=True).eval(), _images(2, 5, 8)
+    qmodel = _ptq(model, x)
+    (leaf,) = fxquant.report(qmodel).leaves
+    assert leaf.op == "TransformerEncoder" and "NotDecomposable" in leaf.leaf
+    fxquant.set_fake_quant(qmodel, observe=False, enabled=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(x), model(x))
+
+
 class Sdpa(nn.Module):
     def __init__(self, causal=False, mask=None):
         super().__init__()
