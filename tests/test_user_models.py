@@ -402,3 +402,34 @@ def test_conv1d_conv3d_quantize_with_bn_folded_and_conv_transpose_stays_float(tm
     fxquant.export_onnx(qmodel, path, x[:2])
     assert _optimized_ops(path, tmp_path).count("QLinearConv") == len(convs)  # ORT runs them as integer convs
     assert_file_matches_int8(int8, path, _x(3, *shape[1:], seed=1), kind, cpus=(None, "haswell") if not qat else (None,))
+
+
+# ---------------------------------------------------------------- a module called at several sites, each followed by a ReLU
+
+
+class SharedBlocks(nn.Module):
+    """A conv and a linear applied twice (weight sharing, an unrolled loop): fuse_modules cannot fold a ReLU into
+    a module called twice, so each call's ReLU is a node of its own; the conv_relu / linear_relu rows take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.fc, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.conv(F.relu(self.conv(x))))
+        x = x.mean((2, 3))
+        return self.head(F.relu(self.fc(F.relu(self.fc(x)))))
+
+
+def test_a_shared_module_followed_by_relu_exports_fused_and_exact(tmp_path):
+    x = _x(2, 3, 8, 8)
+    qmodel = fxquant.quantize(SharedBlocks().eval(), x, calib_data=[_x(4, 3, 8, 8, seed=s) for s in range(3)], progress=False)
+    rules = {n.name: n.meta["fxquant"].rule for n in qmodel.graph.nodes if "fxquant" in n.meta and n.meta["fxquant"].rule}
+    assert rules["conv"] == rules["conv_1"] == "conv_relu" and rules["fc"] == rules["fc_1"] == "linear_relu"
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "shared.onnx"
+    fxquant.export_onnx(int8, path, x)  # the checker refused it: a Q/DQ between each call and its ReLU
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 3 and "Relu" not in ops  # every ReLU folded
+    assert_file_matches_int8(int8, path, x, "shared blocks")

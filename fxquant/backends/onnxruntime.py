@@ -154,6 +154,10 @@ def _into_float_activation(module, node) -> bool:
 
 
 RULES = (
+    # a ReLU fuse_modules could not fold into its conv / linear (a module called at several sites): the row takes it,
+    # so the Q goes after it and the runtime folds it (FOLDED) as it would a fused one
+    Rule("conv_relu", (CONV, RELU), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # relu(conv(x, w) + b)
+    Rule("linear_relu", ((LinearAct, nn.Linear), RELU), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),
     Rule("conv", (CONV,), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
     # ORT 1.32's CPU QDQ rules fuse DQ -> Conv -> Q only (ConvQDQRules registers "Conv"); a ConvTranspose
     # between Q/DQ would run float anyway, so it stays float by this row
