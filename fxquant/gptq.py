@@ -114,8 +114,8 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
             cols = _columns(mod, part)
             cols = _chunked(cols, cols.shape[1])
             squares = cols * cols
-            acc["h"] = acc["h"] + (cols @ cols.transpose(1, 2)).double()
-            acc["h2"] = acc["h2"] + (squares @ squares.transpose(1, 2)).double()
+            acc["h"] = acc["h"] + cols @ cols.transpose(1, 2)  # float32 sums: ~1e-7 relative per batch added
+            acc["h2"] = acc["h2"] + squares @ squares.transpose(1, 2)
             acc["n"] += cols.shape[-1]
         if stop:
             raise _Stop
@@ -132,7 +132,7 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
     if not acc["n"]:  # every call_module node runs on every forward: no batch came
         raise FxQuantError(f"gptq: calib_data gave no batch (at layer {name!r}); pass a non-empty list or DataLoader of "
                            "input batches (not a generator: GPTQ reads it once per layer)")
-    return _shrunk(acc["h"], acc["h2"], acc["n"])
+    return _shrunk(acc["h"].double(), acc["h2"].double(), acc["n"])
 
 
 def _shrunk(h: torch.Tensor, h2: torch.Tensor, n: int) -> torch.Tensor:
@@ -147,13 +147,16 @@ def _shrunk(h: torch.Tensor, h2: torch.Tensor, n: int) -> torch.Tensor:
     than nearest on new data; lambda -> 1 there, and a diagonal H makes GPTQ round to nearest (no error
     propagates). With many columns (a conv's im2col patches) lambda -> 0: plain GPTQ."""
     s = h / n
+    diag = torch.diagonal(s, dim1=-2, dim2=-1)
     if n < 2:
-        return torch.diag_embed(torch.diagonal(s, dim1=-2, dim2=-1))
-    off = 1.0 - torch.eye(s.shape[-1], dtype=s.dtype)
-    var = (h2 - n * s * s) / (n * (n - 1))
-    spread = (s * s * off).sum((-2, -1))
-    lam = torch.where(spread > 0, (var * off).sum((-2, -1)) / spread.clamp(min=1e-300), 1.0).clamp(0.0, 1.0)
-    return s * (1.0 - lam[:, None, None] * off)
+        return torch.diag_embed(diag)
+    off_sum = lambda t: t.sum((-2, -1)) - torch.diagonal(t, dim1=-2, dim2=-1).sum(-1)  # noqa: E731 (sum over i != j)
+    squared = s * s
+    spread = off_sum(squared)
+    lam = torch.where(spread > 0, (off_sum(h2) - n * spread) / (n * (n - 1)) / spread.clamp(min=1e-300), 1.0).clamp(0.0, 1.0)
+    shrunk = s * (1.0 - lam[:, None, None])
+    torch.diagonal(shrunk, dim1=-2, dim2=-1).copy_(diag)
+    return shrunk
 
 
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,8 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(h.shape[-1], dtype=torch.float32).expand_as(h)
     damp = DAMP
     for _ in range(6):
-        damped = (h + damp * diag.mean(-1)[:, None, None] * torch.eye(h.shape[-1], dtype=h.dtype)).float()
+        damped = h.to(torch.float32, copy=True)
+        torch.diagonal(damped, dim1=-2, dim2=-1).add_((damp * diag.mean(-1)[:, None]).float())
         chol, info = torch.linalg.cholesky_ex(damped.flip(-1, -2))
         if not bool(info.any()):
             return torch.linalg.solve_triangular(chol, eye, upper=False).flip(-1, -2)

@@ -240,8 +240,11 @@ def test_target_cost_table_orders_the_gptq_column_before_the_7_bit_one():
     from fxquant.tools import target_cost
 
     rows = {"portable": [{"model": "a", "sqnr_int8_db": 30.0}], "vnni": [{"model": "a", "sqnr_int8_db": 33.5}],
-            target_cost.A7: [{"model": "a", "sqnr_int8_db": 31.0}], target_cost.GPTQ: [{"model": "a", "sqnr_int8_db": 35.0}]}
+            target_cost.A7: [{"model": "a", "sqnr_int8_db": 31.0}],
+            target_cost.GPTQ: [{"model": "a", "sqnr_int8_db": 35.0, "calibrate_s": 12.25}]}
+    rows["portable"][0]["calibrate_s"] = 0.5
     out = target_cost.table(rows)
-    assert "| portable + GPTQ (dB) | that - vnni (dB) | portable at 7-bit activations, 8-bit weights (dB) |" in out
-    assert "| a | 30.0 | 33.5 | -3.5 | 35.0 | +1.5 | 31.0 | -2.5 |" in out
+    assert ("| portable + GPTQ (dB) | that - vnni (dB) | portable at 7-bit activations, 8-bit weights (dB) | that - vnni (dB) "
+            "| calibration, portable (s) | with GPTQ (s) |") in out
+    assert "| a | 30.0 | 33.5 | -3.5 | 35.0 | +1.5 | 31.0 | -2.5 | 0.5 | 12.2 |" in out
     assert "median difference (portable + GPTQ) +1.5 dB over 1 models" in out

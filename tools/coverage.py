@@ -86,6 +86,7 @@ class Row:
     layer_steps: float | None = None  # teacher-forced: largest ORT-vs-reference difference at any layer, in steps
     quantize_s: float | None = None  # fxquant: quantize() without calibration; torch.ao: prepare_fx
     export_s: float | None = None
+    calibrate_s: float | None = None  # fxquant: calibrate() on the CALIB_BATCHES (with GPTQ when the row has it)
     error: str = ""
 
     @property
@@ -178,7 +179,9 @@ def run_fxquant(row: Row, folder: str, sqnr_only: bool = False) -> None:
     row.quantized = f"{len(rep.quantized)}/{len(rep.ops)}"
     row.floats = f"{len(rep.float_by_rule)}+{len(rep.no_rule)}"
     row.leaves = len(rep.leaves)
+    start = time.perf_counter()
     fxquant.calibrate(qmodel, calib, progress=False)
+    row.calibrate_s = time.perf_counter() - start
     int8 = fxquant.convert(qmodel)
     if sqnr_only:
         with torch.no_grad():

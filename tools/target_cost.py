@@ -70,6 +70,9 @@ def table(rows: dict[str, list[dict]]) -> str:
     head = ["model", "SQNR int8 vs float, portable (dB)", "8-bit vnni (dB)", "portable - vnni (dB)"]
     for k in others[1:]:
         head += [f"{VARIANTS[k][3]} (dB)", "that - vnni (dB)"]
+    timed = GPTQ in keys  # GPTQ's cost: the calibration time of both portable rows (this machine, as it ran)
+    by_time = {k: {r["model"]: r.get("calibrate_s") for r in rows[k]} for k in ("portable", GPTQ)} if timed else {}
+    head += ["calibration, portable (s)", "with GPTQ (s)"] if timed else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     deltas: dict[str, list[float]] = {k: [] for k in others}
     for name, portable in by_key["portable"].items():
@@ -81,6 +84,8 @@ def table(rows: dict[str, list[dict]]) -> str:
             delta = None if mine is None or vnni is None else mine - vnni
             deltas[k] += [delta] if delta is not None else []
             cells += [db(delta, "+")] if k == "portable" else [db(mine), db(delta, "+")]
+        seconds = [by_time[k].get(name) for k in by_time]
+        cells += ["-" if t is None else f"{t:.1f}" for t in seconds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for k in others:
         d = deltas[k]
