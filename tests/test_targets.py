@@ -248,3 +248,25 @@ def test_target_cost_table_orders_the_gptq_column_before_the_7_bit_one():
             "| calibration, portable (s) | with GPTQ (s) |") in out
     assert "| a | 30.0 | 33.5 | -3.5 | 35.0 | +1.5 | 31.0 | -2.5 | 0.5 | 12.2 |" in out
     assert "median difference (portable + GPTQ) +1.5 dB over 1 models" in out
+
+
+def test_target_cost_update_reruns_only_the_named_models(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fxquant.tools import target_cost
+
+    old = {"portable": [{"model": "resnet18", "sqnr_int8_db": None}, {"model": "alexnet", "sqnr_int8_db": 39.0}],
+           "vnni": [{"model": "resnet18", "sqnr_int8_db": 33.0}, {"model": "alexnet", "sqnr_int8_db": 41.0}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    ran = []
+
+    def fake_run(models, **kwargs):
+        ran.append(models)
+        return {"portable": [{"model": "resnet18", "sqnr_int8_db": 29.0}], "vnni": [{"model": "resnet18", "sqnr_int8_db": 32.5}]}
+
+    monkeypatch.setattr(target_cost, "run", fake_run)
+    assert target_cost.main(["--models", "resnet18", "--update", str(tmp_path / "old.json"), "--json", str(tmp_path / "new.json")]) == 0
+    assert ran == [["resnet18"]]
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert [r["sqnr_int8_db"] for r in new["portable"]] == [29.0, 39.0] and [r["sqnr_int8_db"] for r in new["vnni"]] == [32.5, 41.0]
+    assert "| resnet18 | 29.0 | 32.5 | -3.5 |" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """What the portable target costs in accuracy: the reference int8 model against float, per model, at each target.
 
     python -m fxquant.tools.target_cost [--models a,b,...] [--sqnr-only] [--a7] [--gptq] [--json OUT]
-                                        [--from-json PORTABLE.json VNNI.json]
+                                        [--from-json PORTABLE.json VNNI.json] [--update OLD.json]
 
 Runs tools/coverage's row (random-init torchvision model, BatchNorms randomized, PTQ on random batches,
 each model in its own process) once with target="portable" (the default: 7-bit weights on the convs and
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gptq", action="store_true", help="also portable with GPTQ rounding (QuantConfig.gptq)")
     parser.add_argument("--sqnr-only", action="store_true", help="stop each row after SQNR int8 vs float (no export, no ORT)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model and target")
+    parser.add_argument("--update", metavar="JSON", help="start from the rows of an earlier --json run and rerun only "
+                        "--models in every variant, replacing their rows")
     args = parser.parse_args(argv)
     if args.from_json:
         rows = {t: json.load(open(path))["rows"] for t, path in zip(TARGETS, args.from_json)}
@@ -113,6 +115,12 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--models: not torchvision classification models: {unknown}")
         rows = run(names, timeout=args.timeout, sqnr_only=args.sqnr_only, a7=args.a7, gptq=args.gptq)
+        if args.update:
+            with open(args.update) as f:
+                old = json.load(f)
+            rows = {key: [r if r["model"] not in names else next(n for n in rows[key] if n["model"] == r["model"])
+                          for r in old[key]] + [n for n in rows[key] if n["model"] not in {r["model"] for r in old[key]}]
+                    for key in old if key in rows}
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
