@@ -11,7 +11,9 @@ computation written in traceable ops, before tracing:
     out = out_proj((attn @ v).transpose(1, 2).flatten(2))
 
 The user's model is not modified: the modules on the path to a swapped module are shallow copies.
-A call the stand-in does not cover (masks, causal attention) raises `NotDecomposable` while
+attn_mask / key_padding_mask (bool: True is not attended, or float: added) become one additive float mask
+(`AttentionMask`, a float helper) added to q @ k^T before the softmax, inside the attention row. A call the
+stand-in does not cover (is_causal without attn_mask, which torch refuses too) raises `NotDecomposable` while
 tracing, and trace_model keeps that attention whole (a float leaf) instead.
 
 nn.TransformerEncoderLayer and nn.TransformerEncoder get `TracedTransformerEncoderLayer` / `TracedTransformerEncoder`:
@@ -78,19 +80,23 @@ class TracedMultiheadAttention(nn.Module):
         self.v_proj = linear_from(weights[2], biases[2])
         self.out_proj = linear_from(mha.out_proj.weight, mha.out_proj.bias)
         self.dropout = nn.Dropout(mha.dropout)
+        self.mask = AttentionMask(mha.num_heads)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (N, L, E) -> (N, H, L, d)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotDecomposable("attention masks and is_causal are not decomposed; the attention stays whole")
+        if is_causal and attn_mask is None:  # torch refuses it too: is_causal is a hint about attn_mask
+            raise NotDecomposable("is_causal without attn_mask is not decomposed; the attention stays whole")
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         torch._assert(query.dim() == 3, "TracedMultiheadAttention: expected batched (N, L, E) inputs")
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        attn = torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1)
+        scores = torch.matmul(q, k.transpose(-2, -1))
+        if attn_mask is not None or key_padding_mask is not None:
+            scores = scores + self.mask(attn_mask, key_padding_mask)
+        attn = scores.softmax(dim=-1)
         out = torch.matmul(self.dropout(attn), v).transpose(1, 2).flatten(2)
         out = self.out_proj(out)
         if not self.batch_first:
@@ -105,7 +111,7 @@ class TracedTransformerEncoderLayer(nn.Module):
     attention's in_proj_bias) do not trace: the computation of its own slow path, post-norm
         x = norm1(x + dropout1(self_attn(x))),  x = norm2(x + dropout2(linear2(dropout(act(linear1(x))))))
     or pre-norm (norm_first) x = x + sa(norm1(x)), x = x + ff(norm2(x)), with the attention as
-    TracedMultiheadAttention. Masks and is_causal raise NotDecomposable (the layer stays whole)."""
+    TracedMultiheadAttention (src_mask, src_key_padding_mask and is_causal passed on to it)."""
 
     def __init__(self, layer: nn.TransformerEncoderLayer, attention: TracedMultiheadAttention):
         super().__init__()
@@ -113,40 +119,63 @@ class TracedTransformerEncoderLayer(nn.Module):
         for name in ("linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"):
             setattr(self, name, getattr(layer, name))
 
-    def _sa(self, x):
-        return self.dropout1(self.self_attn(x, x, x, need_weights=False)[0])
+    def _sa(self, x, masks):
+        return self.dropout1(self.self_attn(x, x, x, need_weights=False, **masks)[0])
 
     def _ff(self, x):
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        if src_mask is not None or src_key_padding_mask is not None or is_causal:
-            raise NotDecomposable("attention masks and is_causal are not decomposed; the layer stays whole")
+        masks = dict(attn_mask=src_mask, key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         if self.norm_first:
-            src = src + self._sa(self.norm1(src))
+            src = src + self._sa(self.norm1(src), masks)
             return src + self._ff(self.norm2(src))
-        src = self.norm1(src + self._sa(src))
+        src = self.norm1(src + self._sa(src, masks))
         return self.norm2(src + self._ff(src))
 
 
 class TracedTransformerEncoder(nn.Module):
-    """nn.TransformerEncoder without its nested-tensor fast path: each layer (its stand-in where it has one),
-    then the optional norm. Masks and is_causal raise NotDecomposable (the encoder stays whole)."""
+    """nn.TransformerEncoder without its nested-tensor fast path: each layer (its stand-in where it has one) with
+    the masks, then the optional norm."""
 
     def __init__(self, encoder: nn.TransformerEncoder, layers: list[nn.Module]):
         super().__init__()
         self.layers, self.norm = nn.ModuleList(layers), encoder.norm
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
-        if mask is not None or src_key_padding_mask is not None or is_causal:
-            raise NotDecomposable("attention masks and is_causal are not decomposed; the encoder stays whole")
         for layer in self.layers:
-            src = layer(src)
+            src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
         return src if self.norm is None else self.norm(src)
 
 
 class FloatLeaf(nn.Module):
     """A stand-in's helper that trace keeps whole: it runs in float and is exported by torch.onnx."""
+
+
+class AttentionMask(FloatLeaf):
+    """nn.MultiheadAttention's attn_mask and key_padding_mask as one additive float mask, (1 or N, 1 or H, L, S),
+    added to the scores q k^T before the softmax: a bool entry True (not attended) is -inf, a float entry is
+    added as it is (torch's own reading of the two masks). attn_mask is (L, S) or (N * H, L, S), key_padding_mask (N, S)."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+
+    @staticmethod
+    def _additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask
+
+    def forward(self, attn_mask, key_padding_mask):
+        mask = None
+        if attn_mask is not None:
+            mask = self._additive(attn_mask)
+            mask = mask if mask.dim() == 2 else mask.unflatten(0, (-1, self.num_heads))
+        if key_padding_mask is not None:
+            padding = self._additive(key_padding_mask)[:, None, None, :]
+            mask = padding if mask is None else mask + padding
+        return mask
 
 
 def _window_geometry(size, window, shift) -> tuple[int, int, list[int]]:
@@ -261,7 +290,8 @@ class ChannelScale(FloatLeaf):
 
 # what a backend row keeps float: the helpers above, and torchvision's Swin patch-merging pad, a function it
 # marks torch.fx.wrap (private to torchvision, named here once)
-FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, ChannelScale, swin_transformer._patch_merging_pad)
+FLOAT_HELPERS = (WindowPartition, WindowMerge, WindowAttentionBias, L2Normalize, ChannelScale, AttentionMask,
+                 swin_transformer._patch_merging_pad)
 
 
 class TracedWindowAttention(nn.Module):

@@ -250,14 +250,21 @@ def test_attention_linears_and_matmuls_are_quantized():
     assert rules["matmul"] == rules["softmax"] == "attention_scores" and rules["matmul_1"] == "matmul"
 
 
-def test_masked_attention_stays_a_reported_leaf():
+def test_masked_attention_decomposes_and_matches_torch(tmp_path):
+    """A bool attn_mask (True: not attended) becomes -inf and a float one is added, as torch reads them; both go
+    through the AttentionMask float helper and add to the float scores inside the attention row."""
     model, x = Attention(masked=True).eval(), _images(3, 5, 8)
-    qmodel = _ptq(model, x)
-    (leaf,) = fxquant.report(qmodel).leaves
-    assert leaf.op == "MultiheadAttention" and "NotDecomposable" in leaf.leaf and "attention masks" in leaf.leaf
-    fxquant.set_fake_quant(qmodel, observe=False, enabled=False)
+    gm = trace_model(model, example_inputs=(x,))
     with torch.no_grad():
-        torch.testing.assert_close(qmodel(x), model(x))
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    qmodel = _ptq(model, x)
+    rep = fxquant.report(qmodel)
+    assert rep.leaves == () and {"attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_out_proj", "matmul", "matmul_1"} <= {
+        o.name for o in rep.quantized}
+    rules = {n.name: n.meta["fxquant"].rule for n in qmodel.graph.nodes if "fxquant" in n.meta}
+    assert rules["matmul"] == rules["add"] == rules["softmax"] == "attention_scores_bias"
+    got = _ort_vs_reference(qmodel, tmp_path / "masked.onnx", x, _images(6, 5, 8, seed=4))
+    assert got.max_steps <= 1 + 1e-4 and got.top1 == 1.0, got
 
 
 def test_attention_onnx_matches_the_reference_at_another_batch(tmp_path):
@@ -285,9 +292,17 @@ class Encoder(nn.Module):
         layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False)
 
-    def forward(self, x):  # (N, L, 8)
-        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.masked else None
-        return self.head(self.encoder(self.embed(x), mask=mask).mean(1))
+    def forward(self, x, padding=None):  # (N, L, 8), (N, L) bool: True past each sequence's end
+        if not self.masked:
+            return self.head(self.encoder(self.embed(x)).mean(1))
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])  # float, -inf above the diagonal
+        return self.head(self.encoder(self.embed(x), mask=causal, src_key_padding_mask=padding, is_causal=True)[:, 0])
+
+
+def _padded(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 6, (n,), generator=g)
+    return torch.randn(n, 5, 8, generator=g), torch.arange(5)[None, :] >= lengths[:, None]
 
 
 def test_transformer_encoder_quantizes_every_linear_and_matches_onnx_runtime(tmp_path):
@@ -303,14 +318,20 @@ def test_transformer_encoder_quantizes_every_linear_and_matches_onnx_runtime(tmp
     assert got.max_steps <= 1 + 1e-4 and got.top1 == 1.0, got
 
 
-def test_masked_transformer_encoder_stays_a_reported_leaf():
-    model, x = Encoder(masked=True).eval(), _images(2, 5, 8)
-    qmodel = _ptq(model, x)
-    (leaf,) = fxquant.report(qmodel).leaves
-    assert leaf.op == "TransformerEncoder" and "NotDecomposable" in leaf.leaf
-    fxquant.set_fake_quant(qmodel, observe=False, enabled=False)
-    with torch.no_grad():
-        torch.testing.assert_close(qmodel(x), model(x))
+def test_causal_and_padding_masked_encoder_decomposes_and_matches_onnx_runtime(tmp_path):
+    from fxquant.check import layerwise
+
+    model, x = Encoder(masked=True).eval(), _padded(3, 0)
+    qmodel = fxquant.quantize(model, x, calib_data=[_padded(4, 1), _padded(4, 2)], progress=False)
+    assert fxquant.report(qmodel).leaves == ()
+    fxquant.set_fake_quant(qmodel, enabled=False)
+    with torch.no_grad():  # the decomposed float graph against torch's own masked encoder
+        torch.testing.assert_close(qmodel(*x), model(*x), rtol=1e-5, atol=1e-5)
+    fxquant.set_fake_quant(qmodel, enabled=True)
+    int8 = fxquant.convert(qmodel)
+    path = tmp_path / "masked_encoder.onnx"
+    fxquant.export_onnx(int8, path, x)
+    assert layerwise(int8, path, _padded(6, 3)).max_steps <= 1
 
 
 class Sdpa(nn.Module):
