@@ -6,16 +6,20 @@ Optimal Brain Quantization update of Frantar & Alistarh 2022. Per layer, with it
 channels, columns = the K inputs one output reads: in_features, or in_channels/groups * kernel size) and
 the inputs X (K x n) the layer reads in the fake-quant model on the calibration data:
 
-    minimise ||W X - Q X||^2 over Q on the weight's grid,   H = X X^T / n + damp * mean(diag) * I
+    minimise ||W X - Q X||^2 over Q on the weight's grid,   H = shrunk(X X^T / n) + damp * mean(diag) * I
 
 column by column (largest diag(H) first): q = quant(w_j), then the columns not yet quantized absorb its
 error, W[:, rest] -= (w_j - q) / U[j, j] * U[j, rest], U the upper Cholesky factor of H^-1. Each weight
 still lands on the layer's own grid, the scales (from calibration) and clip range are not changed: a
 portable file stays pair-sum safe and `convert` / `export_onnx` store the integers GPTQ chose.
 
+(shrunk: the off-diagonal second moments scaled down by how noisy they are on n columns, see _shrunk; few
+calibration rows for a wide layer would otherwise be fitted, and lose to round-to-nearest on new data).
 Layers go in graph order, each reading inputs from the model with the layers before it rounded already
 (one pass over the calibration data per layer, stopped at that layer). A layer's weight is replaced by its
 dequantized integers (q - zero_point) * scale, so the fake-quant forward, `convert` and a checkpoint agree.
+With qat=True the weight ranges are observed again at every training step, so GPTQ's integers are where
+training starts, no more.
 
 Left as they are (round to nearest): layers kept float, 3-D convs, QAT layers whose BatchNorm fold does not
 commute with the weight fake-quant (per-tensor weights), layers with no calibrated input.
@@ -80,14 +84,14 @@ def _columns(module: WeightedAct, x: torch.Tensor) -> torch.Tensor:
     return cols.permute(1, 2, 0, 3).reshape(module.groups, k // module.groups, n * length)
 
 
-def _chunked(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(groups, K, n) columns, or a (groups, rows, K) weight, as (groups * chunks, K / chunks, ...) with K
+def _chunked(t: torch.Tensor, k: int, *, columns: bool) -> torch.Tensor:
+    """(groups, K, n) `columns`, or else a (groups, rows, K) weight, as (groups * chunks, K / chunks, ...) with K
     zero-padded to a multiple of `chunks` (see MAX_COLUMNS); unchanged when K <= MAX_COLUMNS."""
     chunks = -(-k // MAX_COLUMNS)
     if chunks == 1:
         return t
     width = -(-k // chunks)
-    if t.shape[1] == k:  # columns (groups, K, n)
+    if columns:
         t = F.pad(t, (0, 0, 0, chunks * width - k))
         return t.reshape(t.shape[0] * chunks, width, t.shape[-1])
     t = F.pad(t, (0, chunks * width - k)).reshape(t.shape[0], t.shape[1], chunks, width)  # weight (groups, rows, K)
@@ -112,7 +116,7 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
         im2col = math.prod(mod.kernel_size) if isinstance(mod, ConvAct) else 1  # a conv's columns repeat each input
         for part in x.split(max(1, COLUMN_ELEMENTS // max(1, x[:1].numel() * im2col))):  # samples, a slice at a time
             cols = _columns(mod, part)
-            cols = _chunked(cols, cols.shape[1])
+            cols = _chunked(cols, cols.shape[1], columns=True)
             squares = cols * cols
             acc["h"] = acc["h"] + cols @ cols.transpose(1, 2)  # float32 sums: ~1e-7 relative per batch added
             acc["h2"] = acc["h2"] + squares @ squares.transpose(1, 2)
@@ -181,10 +185,10 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
 
 def gptq_round(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                qmin: int, qmax: int) -> torch.Tensor:
-    """GPTQ's integers for `weight` (groups, rows, K) given H = sum X X^T (groups, K, K) and the grid
-    (scale, zero_point: per row (groups, rows, 1) or one value, qmin..qmax). Runs in float32 (as the paper's
-    code does). Returns float32 integers
-    (groups, rows, K): every one in [qmin, qmax] on the grid the fake-quant uses (round half to even)."""
+    """GPTQ's integers for `weight` (groups, rows, K) given H, the inputs' second moments (groups, K, K; any
+    positive multiple) and the grid (scale, zero_point: per row (groups, rows, 1) or one value, qmin..qmax).
+    Runs in float32 (as the paper's code does). Returns float32 integers (groups, rows, K), every one in
+    [qmin, qmax], rounded half to even as the fake-quant rounds."""
     w = weight.float().clone()
     scale, zero_point = scale.float(), zero_point.float()
     order = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # act-order
@@ -220,7 +224,7 @@ def _round_layer(module: WeightedAct, h: torch.Tensor) -> None:
             return t.float()
         return t.float().reshape(groups, 1, rows, 1).expand(groups, chunks, rows, 1).reshape(-1, rows, 1)
 
-    q = gptq_round(_chunked(weight.reshape(groups, rows, k), k), h, per_row(scale), per_row(zero_point), spec.qmin, spec.qmax)
+    q = gptq_round(_chunked(weight.reshape(groups, rows, k), k, columns=False), h, per_row(scale), per_row(zero_point), spec.qmin, spec.qmax)
     dequantized = _unchunked((q - per_row(zero_point)) * per_row(scale), groups, k)
     module.weight.data.copy_(dequantized.reshape(weight.shape).to(weight.dtype))
 

@@ -200,6 +200,8 @@ def test_slicing_the_columns_changes_nothing_and_chunking_wide_layers_still_help
     sliced = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
     assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), sliced.parameters()))
     monkeypatch.setattr(gptq_module, "MAX_COLUMNS", 100)  # fc1 (512 inputs) in 6 chunks of 86 (zero-padded to 516)
+    square = torch.randn(1, 120, 120)  # a square weight is told from columns by the caller, not by its shape
+    assert torch.equal(gptq_module._unchunked(gptq_module._chunked(square, 120, columns=False), 1, 120), square)
     chunked = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
     rtn = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False)
     errors = {name: _layer_errors(m, net, calib)["fc1"] for name, m in (("rtn", rtn), ("chunked", chunked), ("whole", whole))}
