@@ -157,7 +157,6 @@ RULES = (
     # a ReLU fuse_modules could not fold into its conv / linear (a module called at several sites): the row takes it,
     # so the Q goes after it and the runtime folds it (FOLDED) as it would a fused one
     Rule("conv_relu", (CONV, RELU), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # relu(conv(x, w) + b)
-    Rule("linear_relu", ((LinearAct, nn.Linear), RELU), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),
     Rule("conv", (CONV,), QUANTIZE, weight=True, onnx=("Conv",), pair_sums=_not_depthwise),  # y = act(conv(x, w) + b)
     # ORT 1.32's CPU QDQ rules fuse DQ -> Conv -> Q only (ConvQDQRules registers "Conv"); a ConvTranspose
     # between Q/DQ would run float anyway, so it stays float by this row
@@ -166,6 +165,8 @@ RULES = (
          onnx=("Gemm", "MatMul"), pair_sums=True),  # y = x @ w.T + b, float out, into the residual stream
     Rule("linear_to_float", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, output=False, check=_into_float_activation,
          onnx=("Gemm", "MatMul"), pair_sums=True),  # y = x @ w.T + b, float out, read by GELU (a float row)
+    # after the two rows above, which the export checker reads a Gemm by first (a float output is theirs)
+    Rule("linear_relu", ((LinearAct, nn.Linear), RELU), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),
     Rule("linear", ((LinearAct, nn.Linear),), QUANTIZE, weight=True, onnx=("Gemm", "MatMul"), pair_sums=True),  # y = act(x @ w.T + b)
     Rule("mask_arithmetic", (ADD + MUL,), FLOAT, check=sentinel_operand),  # (1 - m) * finfo.min: an additive mask
     Rule("residual_add", (ADD,), FLOAT, check=_residual_stream),  # stays float: see _residual_stream
