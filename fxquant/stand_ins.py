@@ -14,8 +14,8 @@ from torch import nn
 from fxquant.errors import FxQuantError
 from fxquant.hf import hf_stand_in
 from fxquant.meta import matches_names
-from fxquant.traceable import (TracedMultiheadAttention, TracedTransformerEncoder, TracedTransformerEncoderLayer,
-                               TracedWindowAttention, swin_attention)
+from fxquant.traceable import (TracedMultiheadAttention, TracedTransformerDecoder, TracedTransformerDecoderLayer,
+                               TracedTransformerEncoder, TracedTransformerEncoderLayer, TracedWindowAttention, swin_attention)
 
 STAND_INS: dict = {}  # module type -> make(module) -> stand-in or None: register_stand_in fills it
 
@@ -47,6 +47,11 @@ def _builtin_stand_in(module: nn.Module) -> nn.Module | None:
         return TracedTransformerEncoderLayer(module, attention) if attention is not None else None
     if type(module) is nn.TransformerEncoder:
         return TracedTransformerEncoder(module, [stand_in(layer) or layer for layer in module.layers])
+    if type(module) is nn.TransformerDecoderLayer:
+        attentions = stand_in(module.self_attn), stand_in(module.multihead_attn)
+        return TracedTransformerDecoderLayer(module, *attentions) if None not in attentions else None
+    if type(module) is nn.TransformerDecoder:
+        return TracedTransformerDecoder(module, [stand_in(layer) or layer for layer in module.layers])
     v2 = swin_attention(module)
     if v2 is not None:
         return TracedWindowAttention(module, v2)

@@ -16,7 +16,8 @@ attn_mask / key_padding_mask (bool: True is not attended, or float: added) becom
 stand-in does not cover (is_causal without attn_mask, which torch refuses too) raises `NotDecomposable` while
 tracing, and trace_model keeps that attention whole (a float leaf) instead.
 
-nn.TransformerEncoderLayer and nn.TransformerEncoder get `TracedTransformerEncoderLayer` / `TracedTransformerEncoder`:
+nn.TransformerEncoderLayer and nn.TransformerEncoder get `TracedTransformerEncoderLayer` / `TracedTransformerEncoder`
+(and the decoder's two the same way, `TracedTransformerDecoderLayer` / `TracedTransformerDecoder`):
 their own slow path (post- or pre-norm; each layer in turn, then the norm), the attention as above; their fused
 fast path is chosen by checks on tensor flags that do not trace.
 
@@ -146,6 +147,60 @@ class TracedTransformerEncoder(nn.Module):
         for layer in self.layers:
             src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
         return src if self.norm is None else self.norm(src)
+
+
+class TracedTransformerDecoderLayer(nn.Module):
+    """nn.TransformerDecoderLayer as its own forward computes it, post-norm
+        x = norm1(x + sa(x)),  x = norm2(x + mha(x, memory)),  x = norm3(x + ff(x))
+    or pre-norm (norm_first) x = x + sa(norm1(x)), x = x + mha(norm2(x), memory), x = x + ff(norm3(x)), with both
+    attentions as TracedMultiheadAttention (the masks passed on to them). torch.fx would keep the layer whole
+    (a torch.nn module), so none of its Linear layers would be quantized."""
+
+    def __init__(self, layer: nn.TransformerDecoderLayer, self_attn: TracedMultiheadAttention,
+                 cross_attn: TracedMultiheadAttention):
+        super().__init__()
+        self.self_attn, self.multihead_attn, self.norm_first, self.activation = self_attn, cross_attn, layer.norm_first, layer.activation
+        for name in ("linear1", "dropout", "linear2", "norm1", "norm2", "norm3", "dropout1", "dropout2", "dropout3"):
+            setattr(self, name, getattr(layer, name))
+
+    def _sa(self, x, mask, padding, causal):
+        return self.dropout1(self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding, is_causal=causal,
+                                            need_weights=False)[0])
+
+    def _mha(self, x, memory, mask, padding, causal):
+        return self.dropout2(self.multihead_attn(x, memory, memory, attn_mask=mask, key_padding_mask=padding,
+                                                 is_causal=causal, need_weights=False)[0])
+
+    def _ff(self, x):
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        self_masks, cross_masks = (tgt_mask, tgt_key_padding_mask, tgt_is_causal), (memory_mask, memory_key_padding_mask, memory_is_causal)
+        x = tgt
+        if self.norm_first:
+            x = x + self._sa(self.norm1(x), *self_masks)
+            x = x + self._mha(self.norm2(x), memory, *cross_masks)
+            return x + self._ff(self.norm3(x))
+        x = self.norm1(x + self._sa(x, *self_masks))
+        x = self.norm2(x + self._mha(x, memory, *cross_masks))
+        return self.norm3(x + self._ff(x))
+
+
+class TracedTransformerDecoder(nn.Module):
+    """nn.TransformerDecoder: each layer (its stand-in where it has one) with the masks, then the optional norm."""
+
+    def __init__(self, decoder: nn.TransformerDecoder, layers: list[nn.Module]):
+        super().__init__()
+        self.layers, self.norm = nn.ModuleList(layers), decoder.norm
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=None, memory_is_causal=False):
+        for layer in self.layers:
+            tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=bool(tgt_is_causal),
+                        memory_is_causal=memory_is_causal)
+        return tgt if self.norm is None else self.norm(tgt)
 
 
 class FloatLeaf(nn.Module):

@@ -334,6 +334,44 @@ def test_causal_and_padding_masked_encoder_decomposes_and_matches_onnx_runtime(t
     assert layerwise(int8, path, _padded(6, 3)).max_steps <= 1
 
 
+class Decoder(nn.Module):
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        layer = nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, norm_first=norm_first)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+
+    def forward(self, x, memory, memory_padding):  # (N, L, 8), (N, S, 16), (N, S) bool
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.decoder(self.embed(x), memory, tgt_mask=causal, tgt_is_causal=True,
+                                      memory_key_padding_mask=memory_padding))
+
+
+def _decoder_inputs(n: int, seed: int):
+    x, padding = _padded(n, seed)
+    return x, torch.randn(n, 5, 16, generator=torch.Generator().manual_seed(seed + 50)), padding
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_decoder_quantizes_both_attentions_and_matches_onnx_runtime(norm_first, tmp_path):
+    """torch.fx keeps an nn.TransformerDecoder whole (a torch.nn module): nothing in it was quantized."""
+    from fxquant.check import layerwise
+
+    model, x = Decoder(norm_first).eval(), _decoder_inputs(3, 0)
+    qmodel = fxquant.quantize(model, x, calib_data=[_decoder_inputs(4, 1), _decoder_inputs(4, 2)], progress=False)
+    quantized = {o.name for o in fxquant.report(qmodel).quantized}
+    for attention in ("self_attn", "multihead_attn"):
+        assert {f"decoder_layers_1_{attention}_{p}_proj" for p in "qkv"} <= quantized
+    assert {"decoder_layers_0_linear1", "decoder_layers_1_linear2"} <= quantized
+    fxquant.set_fake_quant(qmodel, enabled=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(*x), model(*x), rtol=1e-5, atol=1e-5)
+    fxquant.set_fake_quant(qmodel, enabled=True)
+    int8 = fxquant.convert(qmodel)
+    fxquant.export_onnx(int8, tmp_path / "decoder.onnx", x)
+    assert layerwise(int8, tmp_path / "decoder.onnx", _decoder_inputs(5, 3)).max_steps <= 1
+
+
 class Sdpa(nn.Module):
     def __init__(self, causal=False, mask=None):
         super().__init__()
