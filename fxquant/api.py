@@ -179,9 +179,10 @@ def calibrate(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None
         gptq = getattr(qmodel.meta.get(CONFIG_META), "gptq", False)
     if gptq is not True and gptq is not False:
         raise FxQuantError(f"gptq={gptq!r}: expected True, False or None (the model's QuantConfig.gptq)")
-    if (gptq or bias_correction) and iter(calib_data) is calib_data:
-        raise FxQuantError(f"calib_data: {'gptq' if gptq else 'bias_correction'} reads it once more per layer, and an "
-                           f"iterator ({type(calib_data).__name__}) can be read once; pass a list or a DataLoader")
+    if gptq or bias_correction:  # refused before anything is observed
+        from fxquant.per_layer import refuse_iterator
+
+        refuse_iterator(calib_data, "gptq" if gptq else "bias_correction")
     names = input_names(qmodel)
     n_inputs = n_inputs or len(names)
     was_training = qmodel.training

@@ -22,7 +22,8 @@ With qat=True the weight ranges are observed again at every training step, so GP
 training starts, no more.
 
 Left as they are (round to nearest): layers kept float, 3-D convs, QAT layers whose BatchNorm fold does not
-commute with the weight fake-quant (per-tensor weights), layers with no calibrated input.
+commute with the weight fake-quant (per-tensor weights). The dampening's mean(diag) counts the dead inputs'
+placeholder 1s and a chunked layer's zero padding (the reference code counts the former too).
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
         if not bool(info.any()):
             return torch.linalg.solve_triangular(chol, eye, upper=False).flip(-1, -2)
         damp *= 10
-    raise FxQuantError("gptq: the inputs' second-moment matrix is not positive definite even when damped "
-                       f"by {damp / 10:g} * mean(diag): are the calibration inputs finite?")
+    raise FxQuantError("gptq: a layer's input second-moment matrix is not positive definite even when damped "
+                       f"by {damp / 10:g} * mean(diag) (float32 overflow of activations near 1e19?); leave gptq off")
 
 
 def gptq_round(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -231,9 +232,12 @@ def _round_layer(module: WeightedAct, h: torch.Tensor) -> None:
 
 @torch.no_grad()
 def gptq(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None = None, progress: bool = True) -> list[str]:
-    """Round every eligible layer's weight with GPTQ (see the module docstring), in place. `qmodel` must be
-    calibrated (its weight scales are kept); its flags and train/eval mode are kept. Returns the names of
-    the rounded layers."""
+    """Round every eligible layer's weight with GPTQ (see the module docstring), in place: each weight tensor
+    keeps its shape and dtype and holds (q - zero_point) * scale afterwards. `qmodel` is the calibrated
+    fake-quant GraphModule (its weight scales are kept; its flags and train/eval mode are restored);
+    `calib_data` a list or DataLoader of batches as calibrate takes them, read once per layer. Returns the names
+    of the rounded layers. Raises FxQuantError, before rounding anything, for a model that is not a calibrated
+    fake-quant model or for an iterator as `calib_data`; for an empty `calib_data` at the first layer."""
     from tqdm.auto import tqdm
 
     with layer_by_layer(qmodel, calib_data, n_inputs=n_inputs, who="gptq", option="gptq") as batches:

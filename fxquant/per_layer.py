@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import fx
@@ -11,11 +12,21 @@ from fxquant.inputs import batch_inputs
 from fxquant.nn import FakeQuantize, fake_quants
 
 
+def refuse_iterator(calib_data, option: str) -> None:
+    """FxQuantError if `calib_data` is an iterator (a generator can be read once; `option` reads it once per layer)."""
+    if isinstance(calib_data, Iterator):
+        raise FxQuantError(f"calib_data: {option} reads it once more per layer, and an iterator "
+                           f"({type(calib_data).__name__}) can be read once; pass a list or a DataLoader")
+
+
 @contextmanager
 def layer_by_layer(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None, who: str, option: str):
     """Check that `qmodel` is a calibrated fake-quant model, put it in eval mode and yield `batches`, a function
     returning a fresh iterator over the model's inputs in `calib_data`; the fake-quant flags and the train /
-    eval mode are restored afterwards. `who` and `option` (calibrate's keyword) name the caller in errors."""
+    eval mode are restored afterwards. `who` and `option` (calibrate's keyword) name the caller in errors.
+    Raises FxQuantError before changing anything for a model that is not a calibrated fake-quant model, or for
+    `calib_data` that is an iterator (a generator can be read once; the caller reads it once per layer)."""
+    refuse_iterator(calib_data, option)
     if not isinstance(qmodel, fx.GraphModule) or not fake_quants(qmodel):
         raise FxQuantError(f"{who}: expected the fake-quant GraphModule returned by fxquant.quantize()")
     uncalibrated = [name for name, m in qmodel.named_modules() if isinstance(m, FakeQuantize) and not m.calibrated]

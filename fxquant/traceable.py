@@ -137,7 +137,9 @@ class TracedTransformerEncoderLayer(nn.Module):
 
 class TracedTransformerEncoder(nn.Module):
     """nn.TransformerEncoder without its nested-tensor fast path: each layer (its stand-in where it has one) with
-    the masks, then the optional norm."""
+    the masks, then the optional norm. Where torch would take that path (enable_nested_tensor=True, eval, no grad,
+    a padding mask) it returns norm(0) at the padded positions; this returns what the layers compute there, as
+    torch's own path without nested tensors does: the unpadded positions are the same."""
 
     def __init__(self, encoder: nn.TransformerEncoder, layers: list[nn.Module]):
         super().__init__()
@@ -218,7 +220,7 @@ class AttentionMask(FloatLeaf):
 
     @staticmethod
     def _additive(mask: torch.Tensor) -> torch.Tensor:
-        if mask.dtype == torch.bool:
+        if mask.dtype == torch.bool:  # float32: a float16 / bfloat16 model's masked attention is not covered
             return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(mask, float("-inf"))
         return mask
 

@@ -47,9 +47,8 @@ def _oracle(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, qmin: int, qm
 def test_gptq_round_matches_the_least_squares_oracle(seed):
     g = torch.Generator().manual_seed(seed)
     rows, k = 6, 12
-    x = torch.randn(k, 40, generator=g, dtype=torch.float64)
-    x[3] = 0.0  # a dead input: diag(H) = 0
-    x = torch.randn(k, k, generator=g, dtype=torch.float64) @ x  # correlated inputs, where GPTQ differs from rounding
+    x = torch.randn(k, k, generator=g, dtype=torch.float64) @ torch.randn(k, 40, generator=g, dtype=torch.float64)
+    x[3] = 0.0  # a dead input: diag(H) = 0 (after the mixing that correlates the others, where GPTQ differs from rounding)
     h = x @ x.T
     w = torch.randn(rows, k, generator=g)
     scale = w.abs().amax(1, keepdim=True) / 63
@@ -129,7 +128,8 @@ def test_gptq_lowers_every_layers_output_error_and_keeps_the_grid(net, calib):
     assert sum(after.values()) < 0.8 * sum(before.values())
     for (name, a), (_, b) in zip(roundable_layers(rtn), roundable_layers(rounded)):
         assert torch.equal(a.weight_qparams()[0], b.weight_qparams()[0]), name  # the calibrated scales are kept
-        assert torch.equal(b.weight, b.quant_weight()), name  # the weight is on its grid: fake-quant is the identity
+        on_grid = b.quant_weight(min_scale=b.bias_scale_floor(b.bias))  # the grid the forward uses, bias floor included
+        assert torch.equal(b.weight, on_grid), name  # the weight is on its grid: fake-quant is the identity
     int8 = fxquant.convert(rounded)
     qmax = {n: int(m.weight_fq.spec.qmax) for n, m in roundable_layers(rounded)}
     assert qmax == {"conv1": 63, "grouped": 63, "depthwise": 127, "conv1d": 63, "fc1": 63, "fc2": 63}  # portable
@@ -196,9 +196,11 @@ def test_slicing_the_columns_changes_nothing_and_chunking_wide_layers_still_help
     import fxquant.gptq as gptq_module
 
     whole = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
-    monkeypatch.setattr(gptq_module, "COLUMN_ELEMENTS", 1000)  # im2col one sample at a time: the same H, the same integers
+    monkeypatch.setattr(gptq_module, "COLUMN_ELEMENTS", 1000)  # im2col one sample at a time: H summed in another order
     sliced = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
-    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), sliced.parameters()))
+    for (name, a), (_, b) in zip(roundable_layers(whole), roundable_layers(sliced)):
+        steps = ((a.weight - b.weight) / a.weight_qparams()[0].reshape(-1, *[1] * (a.weight.dim() - 1))).abs()
+        assert steps.max() <= 1 + 1e-4 and (steps < 0.5).float().mean() >= 0.99, name  # float32 sums: a tie may flip
     monkeypatch.setattr(gptq_module, "MAX_COLUMNS", 100)  # fc1 (512 inputs) in 6 chunks of 86 (zero-padded to 516)
     square = torch.randn(1, 120, 120)  # a square weight is told from columns by the caller, not by its shape
     assert torch.equal(gptq_module._unchunked(gptq_module._chunked(square, 120, columns=False), 1, 120), square)

@@ -256,7 +256,8 @@ def test_target_cost_update_reruns_only_the_named_models(tmp_path, monkeypatch, 
     from fxquant.tools import target_cost
 
     old = {"portable": [{"model": "resnet18", "sqnr_int8_db": None}, {"model": "alexnet", "sqnr_int8_db": 39.0}],
-           "vnni": [{"model": "resnet18", "sqnr_int8_db": 33.0}, {"model": "alexnet", "sqnr_int8_db": 41.0}]}
+           "vnni": [{"model": "resnet18", "sqnr_int8_db": 33.0}, {"model": "alexnet", "sqnr_int8_db": 41.0}],
+           target_cost.GPTQ: [{"model": "alexnet", "sqnr_int8_db": 42.0}]}  # a variant not rerun is kept
     (tmp_path / "old.json").write_text(json.dumps(old))
     ran = []
 
@@ -269,4 +270,5 @@ def test_target_cost_update_reruns_only_the_named_models(tmp_path, monkeypatch, 
     assert ran == [["resnet18"]]
     new = json.loads((tmp_path / "new.json").read_text())
     assert [r["sqnr_int8_db"] for r in new["portable"]] == [29.0, 39.0] and [r["sqnr_int8_db"] for r in new["vnni"]] == [32.5, 41.0]
+    assert new[target_cost.GPTQ] == old[target_cost.GPTQ]
     assert "| resnet18 | 29.0 | 32.5 | -3.5 |" in capsys.readouterr().out

@@ -251,8 +251,9 @@ def test_attention_linears_and_matmuls_are_quantized():
 
 
 def test_masked_attention_decomposes_and_matches_torch(tmp_path):
-    """A bool attn_mask (True: not attended) becomes -inf and a float one is added, as torch reads them; both go
-    through the AttentionMask float helper and add to the float scores inside the attention row."""
+    """A bool attn_mask (True: not attended) becomes -inf, as torch reads it (a float mask, added as it is, is the
+    encoder tests' causal mask); it goes through the AttentionMask float helper and adds to the float scores
+    inside the attention row."""
     model, x = Attention(masked=True).eval(), _images(3, 5, 8)
     gm = trace_model(model, example_inputs=(x,))
     with torch.no_grad():
@@ -281,7 +282,7 @@ def test_transformer_encoder_layer_stand_in_computes_what_torch_does(options):
     gm = trace_model(layer, example_inputs=(x,))
     linears = [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
     assert linears == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "linear1", "linear2"]
-    with torch.no_grad():  # torch runs its fused fast path here: the stand-in is checked against it
+    with torch.no_grad():  # torch runs its fused fast path here where it can (batch_first): the stand-in against it
         torch.testing.assert_close(gm(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
@@ -296,7 +297,7 @@ class Encoder(nn.Module):
         if not self.masked:
             return self.head(self.encoder(self.embed(x)).mean(1))
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])  # float, -inf above the diagonal
-        return self.head(self.encoder(self.embed(x), mask=causal, src_key_padding_mask=padding, is_causal=True)[:, 0])
+        return self.head(self.encoder(self.embed(x), mask=causal, src_key_padding_mask=padding, is_causal=True))
 
 
 def _padded(n: int, seed: int):
@@ -325,8 +326,10 @@ def test_causal_and_padding_masked_encoder_decomposes_and_matches_onnx_runtime(t
     qmodel = fxquant.quantize(model, x, calib_data=[_padded(4, 1), _padded(4, 2)], progress=False)
     assert fxquant.report(qmodel).leaves == ()
     fxquant.set_fake_quant(qmodel, enabled=False)
-    with torch.no_grad():  # the decomposed float graph against torch's own masked encoder
+    with torch.no_grad():  # the decomposed float graph against torch's own masked encoder, every position
         torch.testing.assert_close(qmodel(*x), model(*x), rtol=1e-5, atol=1e-5)
+        unpadded = model(x[0], torch.zeros_like(x[1]))
+        assert (unpadded - model(*x)).abs().max() > 1e-3  # the padding mask changes what is compared
     fxquant.set_fake_quant(qmodel, enabled=True)
     int8 = fxquant.convert(qmodel)
     path = tmp_path / "masked_encoder.onnx"

@@ -95,6 +95,12 @@ def table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` rows with each model `new` has replaced by its new row, then the new models."""
+    by_model = {r["model"]: r for r in new}
+    return [by_model.pop(r["model"], r) for r in old] + list(by_model.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fxquant.tools.target_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=MODELS, help="comma-separated torchvision classification models")
@@ -118,9 +124,7 @@ def main(argv=None) -> int:
         if args.update:
             with open(args.update) as f:
                 old = json.load(f)
-            rows = {key: [r if r["model"] not in names else next(n for n in rows[key] if n["model"] == r["model"])
-                          for r in old[key]] + [n for n in rows[key] if n["model"] not in {r["model"] for r in old[key]}]
-                    for key in old if key in rows}
+            rows = {key: _merged(old.get(key, []), rows.get(key, [])) for key in VARIANTS if key in old or key in rows}
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
