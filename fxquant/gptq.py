@@ -118,9 +118,12 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
         for part in x.split(max(1, COLUMN_ELEMENTS // max(1, x[:1].numel() * im2col))):  # samples, a slice at a time
             cols = _columns(mod, part)
             cols = _chunked(cols, cols.shape[1], columns=True)
-            squares = cols * cols
-            acc["h"] = acc["h"] + cols @ cols.transpose(1, 2)  # float32 sums: ~1e-7 relative per batch added
-            acc["h2"] = acc["h2"] + squares @ squares.transpose(1, 2)
+            h, squares = cols @ cols.transpose(1, 2), cols * cols  # float32 sums: ~1e-7 relative per batch added
+            h2 = squares @ squares.transpose(1, 2)
+            if not bool(torch.isfinite(h2).all()):  # x^4 past float32 (a random-init resnet152: inputs ~1e10)
+                cols = cols.double()
+                h, h2 = cols @ cols.transpose(1, 2), (cols * cols) @ (cols * cols).transpose(1, 2)
+            acc["h"], acc["h2"] = acc["h"] + h, acc["h2"] + h2
             acc["n"] += cols.shape[-1]
         if stop:
             raise _Stop
@@ -137,7 +140,7 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
     if not acc["n"]:  # every call_module node runs on every forward: no batch came
         raise FxQuantError(f"gptq: calib_data gave no batch (at layer {name!r}); pass a non-empty list or DataLoader of "
                            "input batches (not a generator: GPTQ reads it once per layer)")
-    return _shrunk(acc["h"].double(), acc["h2"].double(), acc["n"])
+    return _shrunk(acc["h"].double(), acc["h2"].double(), acc["n"])  # float64 from here: h2 may hold 1e40
 
 
 def _shrunk(h: torch.Tensor, h2: torch.Tensor, n: int) -> torch.Tensor:

@@ -275,3 +275,14 @@ def test_few_calibration_rows_do_not_make_a_linear_worse_on_new_data(monkeypatch
                 gains[label].append(sqnr(ref, q(held_out)) - rtn)
     assert sum(gains["raw"]) < 0  # the failure the shrinkage is for (the test would not see it otherwise)
     assert sum(gains["shrunk"]) >= 0 and sum(gains["shrunk"]) > sum(gains["raw"])
+
+
+def test_inputs_whose_fourth_power_overflows_float32_still_round():
+    """A random-init resnet152 feeds its last convs inputs of ~5e9: x^4 (the shrinkage's h2) is past float32's
+    3.4e38, and H came out NaN; those sums are taken in float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    calib = [torch.randn(32, 8) * 1e10 for _ in range(2)]
+    rounded = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+    for name, m in roundable_layers(rounded):
+        assert torch.isfinite(m.weight).all() and torch.equal(m.weight, m.quant_weight(min_scale=m.bias_scale_floor(m.bias))), name

@@ -272,3 +272,19 @@ def test_target_cost_update_reruns_only_the_named_models(tmp_path, monkeypatch, 
     assert [r["sqnr_int8_db"] for r in new["portable"]] == [29.0, 39.0] and [r["sqnr_int8_db"] for r in new["vnni"]] == [32.5, 41.0]
     assert new[target_cost.GPTQ] == old[target_cost.GPTQ]
     assert "| resnet18 | 29.0 | 32.5 | -3.5 |" in capsys.readouterr().out
+
+
+def test_target_cost_join_formats_several_runs_as_one_table(tmp_path, capsys):
+    import json
+
+    from fxquant.tools import target_cost
+
+    parts = [{"portable": [{"model": m, "sqnr_int8_db": p}], "vnni": [{"model": m, "sqnr_int8_db": v}]}
+             for m, p, v in (("a", 30.0, 33.0), ("b", 31.0, 35.0))]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(str(tmp_path / f"{i}.json"))
+        (tmp_path / f"{i}.json").write_text(json.dumps(part))
+    assert target_cost.main(["--join", *paths]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 30.0 | 33.0 | -3.0 |" in out and "| b | 31.0 | 35.0 | -4.0 |" in out and "over 2 models" in out

@@ -1,7 +1,7 @@
 """What the portable target costs in accuracy: the reference int8 model against float, per model, at each target.
 
     python -m fxquant.tools.target_cost [--models a,b,...] [--sqnr-only] [--a7] [--gptq] [--json OUT]
-                                        [--from-json PORTABLE.json VNNI.json] [--update OLD.json]
+                                        [--from-json PORTABLE.json VNNI.json] [--update OLD.json] [--join A.json B.json ...]
 
 Runs tools/coverage's row (random-init torchvision model, BatchNorms randomized, PTQ on random batches,
 each model in its own process) once with target="portable" (the default: 7-bit weights on the convs and
@@ -110,11 +110,18 @@ def main(argv=None) -> int:
     parser.add_argument("--gptq", action="store_true", help="also portable with GPTQ rounding (QuantConfig.gptq)")
     parser.add_argument("--sqnr-only", action="store_true", help="stop each row after SQNR int8 vs float (no export, no ORT)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model and target")
+    parser.add_argument("--join", nargs="+", metavar="JSON", help="format the rows of several --json runs as one table")
     parser.add_argument("--update", metavar="JSON", help="start from the rows of an earlier --json run and rerun only "
                         "--models in every variant, replacing their rows")
     args = parser.parse_args(argv)
     if args.from_json:
         rows = {t: json.load(open(path))["rows"] for t, path in zip(TARGETS, args.from_json)}
+    elif args.join:
+        rows = {}
+        for path in args.join:
+            with open(path) as f:
+                for key, part in json.load(f).items():
+                    rows[key] = _merged(rows.get(key, []), part)
     else:
         names = [m for m in args.models.split(",") if m]
         unknown = sorted(set(names) - set(coverage.all_models()))
