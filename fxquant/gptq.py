@@ -120,10 +120,10 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
             cols = _chunked(cols, cols.shape[1], columns=True)
             h, squares = cols @ cols.transpose(1, 2), cols * cols  # float32 sums: ~1e-7 relative per batch added
             h2 = squares @ squares.transpose(1, 2)
-            if not bool(torch.isfinite(h2).all()):  # x^4 past float32 (a random-init resnet152: inputs ~1e10)
+            if not bool(torch.isfinite(h2).all()):  # x^4 past float32 (a random-init resnet152: inputs ~5e9)
                 cols = cols.double()
                 h, h2 = cols @ cols.transpose(1, 2), (cols * cols) @ (cols * cols).transpose(1, 2)
-            acc["h"], acc["h2"] = acc["h"] + h, acc["h2"] + h2
+            acc["h"], acc["h2"] = acc["h"] + h, acc["h2"] + h2.double()  # h2 summed in float64: it may pass 3.4e38
             acc["n"] += cols.shape[-1]
         if stop:
             raise _Stop
@@ -176,7 +176,10 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     diag[diag == 0] = 1.0
     eye = torch.eye(h.shape[-1], dtype=torch.float32).expand_as(h)
     damp = DAMP
-    for _ in range(6):
+    for attempt in range(7):
+        if attempt == 1:  # GPTQ is invariant to a positive scale of H: bring mean(diag) to 1 (float32 range) first
+            h /= diag.mean(-1)[:, None, None]
+            damp = DAMP
         damped = h.to(torch.float32, copy=True)
         torch.diagonal(damped, dim1=-2, dim2=-1).add_((damp * diag.mean(-1)[:, None]).float())
         chol, info = torch.linalg.cholesky_ex(damped.flip(-1, -2))
@@ -184,7 +187,7 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
             return torch.linalg.solve_triangular(chol, eye, upper=False).flip(-1, -2)
         damp *= 10
     raise FxQuantError("gptq: a layer's input second-moment matrix is not positive definite even when damped "
-                       f"by {damp / 10:g} * mean(diag) (float32 overflow of activations near 1e19?); leave gptq off")
+                       f"by {damp / 10:g} * mean(diag) at mean(diag) 1; leave gptq off for this model")
 
 
 def gptq_round(weight: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -282,7 +282,19 @@ def test_inputs_whose_fourth_power_overflows_float32_still_round():
     3.4e38, and H came out NaN; those sums are taken in float64."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    calib = [torch.randn(32, 8) * 1e10 for _ in range(2)]
-    rounded = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
-    for name, m in roundable_layers(rounded):
-        assert torch.isfinite(m.weight).all() and torch.equal(m.weight, m.quant_weight(min_scale=m.bias_scale_floor(m.bias))), name
+    for calib in ([torch.randn(32, 8) * 1e10 for _ in range(2)],  # one batch's x^4 sums overflow float32
+                  [torch.full((1, 8), 3e9) + torch.randn(1, 8) for _ in range(10)]):  # each is finite, their sum is not
+        rounded = fxquant.quantize(net, calib[0][:1], calib_data=calib, progress=False, gptq=True)
+        for name, m in roundable_layers(rounded):
+            assert torch.isfinite(m.weight).all() and torch.equal(m.weight, m.quant_weight(min_scale=m.bias_scale_floor(m.bias))), name
+
+
+def test_gptq_round_is_invariant_to_the_scale_of_h_and_survives_huge_ones():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 60, generator=g, dtype=torch.float64)
+    h = (x @ x.T)[None]
+    w = torch.randn(1, 5, 24, generator=g)
+    scale = w.abs().amax(-1, keepdim=True) / 63
+    base = gptq_round(w, h, scale, torch.zeros(()), -63, 63)
+    for factor in (1e6, 1e20, 1e40):  # 1e40 is past float32: the first factorisation fails, H is brought to mean(diag) 1
+        assert (gptq_round(w, h * factor, scale, torch.zeros(()), -63, 63) - base).abs().max() <= 1
