@@ -30,11 +30,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.nn import WeightedAct, set_fake_quant
-from fxquant.per_layer import layer_by_layer
-
-
-class _Stop(Exception):
-    """Raised by the measuring hook once the layer's output is recorded: the rest of the forward is not needed."""
+from fxquant.per_layer import layer_by_layer, read_layer_inputs
 
 
 def correctable_layers(qmodel: fx.GraphModule) -> list[tuple[str, WeightedAct]]:
@@ -50,28 +46,14 @@ def _channel_means(qmodel: fx.GraphModule, layers: list[WeightedAct], batches, *
     sums: list = [0.0] * len(layers)
     counts = [0] * len(layers)
 
-    def recorder(i: int):
-        def record(module, args):
-            y = module.pre_activation(*args).detach()
-            y = y.movedim(module.channel_axis, -1).reshape(-1, y.shape[module.channel_axis])
-            sums[i] = sums[i] + y.double().sum(0)
-            counts[i] += y.shape[0]
-            if stop:
-                raise _Stop
-        return record
+    def record(i: int, args) -> None:
+        module = layers[i]
+        y = module.pre_activation(*args).detach()
+        y = y.movedim(module.channel_axis, -1).reshape(-1, y.shape[module.channel_axis])
+        sums[i] = sums[i] + y.double().sum(0)
+        counts[i] += y.shape[0]
 
-    handles = [m.register_forward_pre_hook(recorder(i)) for i, m in enumerate(layers)]
-    seen = 0
-    try:
-        for inputs in batches():
-            seen += 1
-            try:
-                qmodel(*inputs)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    seen = read_layer_inputs(qmodel, layers, record, batches, stop=stop)
     if seen == 0:
         raise FxQuantError("calib_data: bias correction reads it once per corrected layer, and a pass found it empty; "
                            "pass a list or a DataLoader, not a generator")

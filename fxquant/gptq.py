@@ -37,7 +37,7 @@ from torch import fx
 
 from fxquant.errors import FxQuantError
 from fxquant.nn import BnFolded, ConvAct, LinearAct, WeightedAct, set_fake_quant
-from fxquant.per_layer import layer_by_layer
+from fxquant.per_layer import layer_by_layer, read_layer_inputs
 
 DAMP = 0.01  # H + DAMP * mean(diag(H)) * I: the paper's dampening (keeps H^-1 stable when X is rank-deficient)
 BLOCK = 128  # columns updated lazily together (the paper's B): the result is the same, the updates are matmuls
@@ -45,10 +45,6 @@ COLUMN_ELEMENTS = 2**25  # im2col columns are built this many elements at a time
 MAX_COLUMNS = 8192  # a wider layer (VGG's first classifier: 25,088 inputs) is rounded in equal chunks of at most
 # this many columns, each with its own block of H (H's off-diagonal blocks are dropped): H costs K^2 memory and
 # its factorisation K^3 time, 5 GB and minutes at 25,088
-
-
-class _Stop(Exception):
-    """Raised once a layer's inputs are recorded: the rest of the forward is not needed."""
 
 
 def roundable_layers(qmodel: fx.GraphModule) -> list[tuple[str, WeightedAct]]:
@@ -112,11 +108,11 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
     """H, the layer's inputs' second moments X X^T / n (groups, K, K), shrunk towards their diagonal (_shrunk)."""
     acc = {"h": 0.0, "h2": 0.0, "n": 0}
 
-    def record(mod, args):
+    def record(_, args) -> None:
         x = args[0]
-        im2col = math.prod(mod.kernel_size) if isinstance(mod, ConvAct) else 1  # a conv's columns repeat each input
+        im2col = math.prod(module.kernel_size) if isinstance(module, ConvAct) else 1  # a conv's columns repeat each input
         for part in x.split(max(1, COLUMN_ELEMENTS // max(1, x[:1].numel() * im2col))):  # samples, a slice at a time
-            cols = _columns(mod, part)
+            cols = _columns(module, part)
             cols = _chunked(cols, cols.shape[1], columns=True)
             h, squares = cols @ cols.transpose(1, 2), cols * cols  # float32 sums: ~1e-7 relative per batch added
             h2 = squares @ squares.transpose(1, 2)
@@ -125,18 +121,8 @@ def _layer_hessian(qmodel: fx.GraphModule, name: str, module: WeightedAct, batch
                 h, h2 = cols @ cols.transpose(1, 2), (cols * cols) @ (cols * cols).transpose(1, 2)
             acc["h"], acc["h2"] = acc["h"] + h, acc["h2"] + h2.double()  # h2 summed in float64: it may pass 3.4e38
             acc["n"] += cols.shape[-1]
-        if stop:
-            raise _Stop
 
-    handle = module.register_forward_pre_hook(record)
-    try:
-        for inputs in batches():
-            try:
-                qmodel(*inputs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    read_layer_inputs(qmodel, [module], record, batches, stop=stop)
     if not acc["n"]:  # every call_module node runs on every forward: no batch came
         raise FxQuantError(f"gptq: calib_data gave no batch (at layer {name!r}); pass a non-empty list or DataLoader of "
                            "input batches (not a generator: GPTQ reads it once per layer)")

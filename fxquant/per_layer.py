@@ -48,3 +48,32 @@ def layer_by_layer(qmodel: fx.GraphModule, calib_data, *, n_inputs: int | None, 
         for fq, observe, enabled in flags:
             fq.observe, fq.enabled = observe, enabled
         qmodel.train(was_training)
+
+
+class _Stop(Exception):
+    """Raised by a recording hook once a layer's inputs are read: the rest of the forward is not needed."""
+
+
+def read_layer_inputs(qmodel: fx.GraphModule, layers: list, record, batches, *, stop: bool) -> int:
+    """Run `qmodel` on every batch of `batches()` with `record(i, args)` called on the inputs of `layers[i]` (a
+    forward pre-hook); with `stop` each forward ends at the first of them. Returns the number of batches run."""
+    def hook(i: int):
+        def pre(module, args):
+            record(i, args)
+            if stop:
+                raise _Stop
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
+    seen = 0
+    try:
+        for inputs in batches():
+            seen += 1
+            try:
+                qmodel(*inputs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
